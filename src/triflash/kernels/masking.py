@@ -1,0 +1,107 @@
+"""Shared jit helpers: where a sequence lives, which keys a query block sees, and the score mask.
+
+Visibility (SPEC.md §3, bottom-right aligned): query ``i`` sees key ``j`` iff
+``i + off - left <= j <= i + off + right`` with ``off = seqlen_k - seqlen_q``. Every kernel asks
+``_block_range`` for the range of the inner index that an outer block touches, split into masked
+edges and a mask-free interior, and applies ``_score_mask`` only on the edges.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _seq_info(b, cu_seqlens_ptr, seqused_ptr, padded_len, IS_VARLEN: tl.constexpr,
+              HAS_SEQUSED: tl.constexpr):
+    """Returns (start, capacity, seqlen) of sequence b.
+
+    ``start`` is its first token in a packed tensor (0 when padded), ``capacity`` the rows it owns
+    (rows past ``seqlen`` and below ``capacity`` are written as rows that see nothing), ``seqlen`` the
+    rows it uses.
+    """
+    if IS_VARLEN:
+        start = tl.load(cu_seqlens_ptr + b)
+        capacity = tl.load(cu_seqlens_ptr + b + 1) - start
+    else:
+        start = 0
+        capacity = padded_len
+    if HAS_SEQUSED:
+        seqlen = tl.minimum(tl.load(seqused_ptr + b), capacity)
+    else:
+        seqlen = capacity
+    return start, capacity, seqlen
+
+
+@triton.jit
+def _block_range(outer_start, outer_len, inner_len, lo_off, hi_off,
+                 BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr,
+                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """The inner indices that outer block [outer_start, outer_start + BLOCK_OUTER) touches.
+
+    Outer index x sees inner index y iff ``x + lo_off <= y <= x + hi_off`` (a side without its
+    HAS_ flag is unbounded), ``x < outer_len`` and ``y < inner_len``. Returns block-aligned
+    ``(lo, mid_lo, mid_hi, hi)``: iterate [lo, mid_lo) and [mid_hi, hi) with the mask and
+    [mid_lo, mid_hi) without it. Empty when the outer block has no valid row.
+    """
+    outer_last = tl.minimum(outer_start + BLOCK_OUTER, outer_len) - 1
+    lo = outer_start * 0
+    hi = lo + inner_len
+    if HAS_LO:
+        lo = tl.maximum(lo, outer_start + lo_off)
+    if HAS_HI:
+        hi = tl.minimum(hi, outer_last + hi_off + 1)
+    # Interior: inner indices that every row of a full outer block sees.
+    full_lo = lo
+    full_hi = hi
+    if HAS_LO:
+        full_lo = tl.maximum(lo, outer_start + BLOCK_OUTER - 1 + lo_off)
+    if HAS_HI:
+        full_hi = tl.minimum(hi, outer_start + hi_off + 1)
+    if outer_start + BLOCK_OUTER > outer_len:
+        full_hi = full_lo
+    lo = lo // BLOCK_INNER * BLOCK_INNER
+    hi = tl.where(outer_last < outer_start, lo, tl.maximum(hi, lo))
+    mid_lo = tl.cdiv(full_lo, BLOCK_INNER) * BLOCK_INNER
+    mid_hi = tl.maximum(full_hi, 0) // BLOCK_INNER * BLOCK_INNER
+    if mid_hi <= mid_lo:
+        mid_lo = lo
+        mid_hi = lo
+    mid_lo = tl.maximum(tl.minimum(mid_lo, hi), lo)
+    mid_hi = tl.maximum(tl.minimum(mid_hi, hi), mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _score_mask(offs_x, offs_y, outer_len, inner_len, lo_off, hi_off,
+                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """[len(offs_x), len(offs_y)] bool: outer x sees inner y (same rule as _block_range)."""
+    ok = (offs_x[:, None] < outer_len) & (offs_y[None, :] < inner_len)
+    if HAS_LO:
+        ok = ok & (offs_y[None, :] >= offs_x[:, None] + lo_off)
+    if HAS_HI:
+        ok = ok & (offs_y[None, :] <= offs_x[:, None] + hi_off)
+    return ok
+
+
+@triton.jit
+def _tanh(x):
+    """tanh through exp2 (portable: libdevice does not run under the interpreter)."""
+    e = tl.exp2(x * 2.885390081777927)  # exp(2x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Loads a 2-D tile, masking only what the constexpr flags say may be out of range (zeros there).
+
+    ``row_ok`` and ``col_ok`` are already broadcastable to the tile ([R, 1] and [1, C] or transposed).
+    """
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=row_ok, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=col_ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
