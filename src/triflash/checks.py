@@ -7,6 +7,7 @@ what was expected and what was given. Nothing here syncs the host with the devic
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -16,6 +17,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_HEAD_DIM_V_FWD = 512
 _INT32_MAX = 2**31 - 1
+# Test aid: allocate outputs NaN-filled so that any element a kernel fails to write is caught.
+POISON_OUTPUTS = os.environ.get("TRIFLASH_POISON_OUTPUTS", "0") == "1"
 
 
 def _desc(x):

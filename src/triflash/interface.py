@@ -29,10 +29,15 @@ def _lse_shape(q, varlen_q):
     return (q.shape[0], q.shape[2], q.shape[1])  # (B, H, Sq)
 
 
+def _empty(shape, like, dtype=None):
+    """torch.empty, or NaN-filled when TRIFLASH_POISON_OUTPUTS=1 (tests: unwritten elements fail)."""
+    x = like.new_empty(shape, dtype=dtype if dtype is not None else like.dtype)
+    return x.fill_(float("nan")) if checks.POISON_OUTPUTS else x
+
+
 def _new_outputs(q, v, cu_seqlens_q):
-    varlen_q = cu_seqlens_q is not None
-    out = q.new_empty(tuple(q.shape[:-1]) + (v.shape[-1],))
-    lse = q.new_empty(_lse_shape(q, varlen_q), dtype=torch.float32)
+    out = _empty(tuple(q.shape[:-1]) + (v.shape[-1],), q)
+    lse = _empty(_lse_shape(q, cu_seqlens_q is not None), q, torch.float32)
     return out, lse
 
 
@@ -66,7 +71,7 @@ def _attn_fwd_out_op(
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     window_left: Optional[int], window_right: Optional[int], softcap: float, sink: Optional[Tensor],
 ) -> Tensor:
-    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    lse = _empty(_lse_shape(q, cu_seqlens_q is not None), q, torch.float32)
     attn_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
              seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
              softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
@@ -82,10 +87,11 @@ def _(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen
 
 def _new_grads(q, k, v, cu_seqlens_q, cu_seqlens_k, sink):
     # Packed tensors may hold tokens outside every sequence: their gradient is 0.
-    dq = torch.zeros_like(q) if cu_seqlens_q is not None else torch.empty_like(q)
-    alloc = torch.zeros_like if cu_seqlens_k is not None else torch.empty_like
+    dq = torch.zeros_like(q) if cu_seqlens_q is not None else _empty(q.shape, q)
+    dk = torch.zeros_like(k) if cu_seqlens_k is not None else _empty(k.shape, k)
+    dv = torch.zeros_like(v) if cu_seqlens_k is not None else _empty(v.shape, v)
     dsink = q.new_empty((sink.shape[0] if sink is not None else 0,), dtype=torch.float32)
-    return dq, alloc(k), alloc(v), dsink
+    return dq, dk, dv, dsink
 
 
 @torch.library.custom_op("triflash::attn_bwd", mutates_args=())

@@ -97,7 +97,7 @@ def _unpack(x, cu_seqlens, max_seqlen):
 
 
 def _pack(dense, cu_seqlens, total):
-    bsz, s = dense.shape[0], dense.shape[1]
+    bsz = dense.shape[0]
     out = dense.new_zeros((total,) + tuple(dense.shape[2:]))
     for b in range(bsz):
         start, end = int(cu_seqlens[b]), int(cu_seqlens[b + 1])

@@ -110,17 +110,20 @@ def _attn_fwd_kernel(
                                lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT,
                                HAS_SOFTCAP, INPUT_PRECISION)
 
+    empty = l_i == 0.0  # rows that see no key
+    empty_lse = float("-inf")
     if HAS_SINK:
         # The sink is one more logit with no value: it joins the denominator only.
-        sink = tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
-        m_f = tl.maximum(m_i, sink)
-        l_i = l_i * tl.math.exp2(m_i - m_f) + tl.math.exp2(sink - m_f)
+        sink = tl.load(sink_ptr + h).to(tl.float32)
+        sink2 = sink * 1.4426950408889634
+        m_f = tl.maximum(m_i, sink2)
+        l_i = l_i * tl.math.exp2(m_i - m_f) + tl.math.exp2(sink2 - m_f)
         acc = acc * tl.math.exp2(m_i - m_f)[:, None]
         m_i = m_f
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
+        empty_lse = sink
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, empty_lse, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
 
     row_ok = offs_m < q_cap
     o_base = o_ptr + b64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_os

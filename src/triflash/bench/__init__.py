@@ -1,0 +1,1 @@
+"""Benchmark CLI of triflash (``triflash-bench``): correctness gate, timings against peers, plots."""
