@@ -19,7 +19,7 @@ for stage in "${stages[@]}"; do
   t0=$SECONDS
   case "$stage" in
     tests)
-      timeout 420 python3 -m pytest tests -q -n 8 -p no:cacheprovider -m "gpu or not gpu" \
+      timeout 300 python3 -m pytest tests -q -n 8 -p no:cacheprovider -m "gpu or not gpu" \
         --durations=10 > "$OUT/tests.log" 2>&1; rc=$? ;;
     sanitize)
       rc=0
@@ -29,7 +29,7 @@ for stage in "${stages[@]}"; do
         echo "== $tool rc=$rc" >> "$OUT/sanitize.log"
       done ;;
     tune)
-      timeout 330 python3 -m triflash.bench.cli tune --budget-s 300 > "$OUT/tune.log" 2>&1; rc=$? ;;
+      timeout 290 python3 -m triflash.bench.cli tune --budget-s 250 > "$OUT/tune.log" 2>&1; rc=$? ;;
     bench-quick)
       timeout 300 python3 -m triflash.bench.cli run --quick --out "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1; rc=$? ;;
     bench)

@@ -17,7 +17,8 @@ def main(path):
             return f"{x:.0f}" if x else "n/a"
         def ratio(a, b):
             return f"{a / b:.2f}" if a and b else "n/a"
-        print(f"{op:4} {d:>4} {causal!s:6} {s:>6} {fmt(t):>9} {fmt(c):>7} {fmt(f):>7} {ratio(t, c):>7} {ratio(t, f):>6}")
+        print(f"{op:4} {d:>4} {causal!s:6} {s:>6} {fmt(t):>9} {fmt(c):>7} {fmt(f):>7} "
+              f"{ratio(t, c):>7} {ratio(t, f):>6}")
 
 
 if __name__ == "__main__":
