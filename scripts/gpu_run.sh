@@ -24,7 +24,7 @@ for stage in "${stages[@]}"; do
     sanitize)
       rc=0
       for tool in memcheck racecheck initcheck; do
-        timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 scripts/sanitize_cases.py \
+        timeout 110 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 scripts/sanitize_cases.py \
           >> "$OUT/sanitize.log" 2>&1 || rc=$?
         echo "== $tool rc=$rc" >> "$OUT/sanitize.log"
       done ;;
