@@ -7,6 +7,8 @@ No autotuning on the import path: ``pick_*`` functions are pure table lookups. R
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
@@ -66,6 +68,18 @@ _BWD_FALLBACK = [(64, AttnBwdConfig(32, 32, 4, 1)), (128, AttnBwdConfig(32, 32, 
                  (256, AttnBwdConfig(16, 16, 4, 1))]
 
 
+# Decode (at most _DECODE_MAX_ROWS query rows per program, e.g. Sq=1 with pack_gqa): the tile's rows
+# shrink to the problem (>= 16 for tl.dot), the key blocks stay long. Untuned first guess (2026-11-25,
+# by reasoning: K+V stages of 64-128 keys leave room for 2+ programs per SM); `triflash-bench decode`
+# measures it.
+_DECODE_MAX_ROWS = 64
+_DECODE_FWD = [(64, AttnFwdConfig(64, 128, 4, 3)), (128, AttnFwdConfig(64, 64, 4, 3)),
+               (256, AttnFwdConfig(64, 32, 4, 3)), (512, AttnFwdConfig(32, 32, 4, 2))]
+# num_splits=0: programs per SM to aim for, and the fewest key blocks a split may get.
+_SPLIT_WAVES = 2
+_SPLIT_MIN_BLOCKS = 4
+
+
 def _lookup(rows, head_dim):
     for bound, cfg in rows:
         if head_dim <= bound:
@@ -77,10 +91,10 @@ _OVERRIDE: dict[str, object] = {}
 
 
 @contextlib.contextmanager
-def use_configs(fwd: AttnFwdConfig | None = None, bwd: AttnBwdConfig | None = None):
-    """Force configs inside a ``with`` block (the tuner's hook; not for production use)."""
+def use_configs(**configs):
+    """Force configs (keys ``fwd``, ``bwd``, ``fwd_hopper``) inside a ``with`` block: the tuner's hook."""
     saved = dict(_OVERRIDE)
-    _OVERRIDE.update({k: v for k, v in (("fwd", fwd), ("bwd", bwd)) if v is not None})
+    _OVERRIDE.update({k: v for k, v in configs.items() if v is not None})
     try:
         yield
     finally:
@@ -88,14 +102,49 @@ def use_configs(fwd: AttnFwdConfig | None = None, bwd: AttnBwdConfig | None = No
         _OVERRIDE.update(saved)
 
 
-def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool) -> AttnFwdConfig:
-    """The forward tile config for this device and problem."""
+def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool, rows: int | None = None) -> AttnFwdConfig:
+    """The forward tile config for this device and problem.
+
+    ``rows`` is the longest query tile a program needs (``max_seqlen_q``, times the GQA group with
+    pack_gqa); at most ``_DECODE_MAX_ROWS`` selects the decode rows (short tiles, more programs per SM).
+    """
     if "fwd" in _OVERRIDE:
         return _OVERRIDE["fwd"]
     arch = _arch(device)
     if arch == 0:
         return _INTERP_FWD
+    if rows is not None and rows <= _DECODE_MAX_ROWS:
+        cfg = _lookup(_DECODE_FWD, max(d, dv))
+        return dataclasses.replace(cfg, block_m=max(16, min(cfg.block_m, _next_pow2(rows))))
     return _lookup(_FWD_TABLE.get(arch, _FWD_FALLBACK), max(d, dv))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device``; 132 (an H100 SXM) when interpreting or on CPU."""
+    if interpreting() or device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_num_splits(device, programs: int, max_seqlen_k: int, block_n: int, max_splits: int = 128) -> int:
+    """``num_splits=0``: how many parts to split each query tile's keys into (host sizes only, no sync).
+
+    Split only when the ``programs`` (query tiles x heads x sequences) fill less than
+    ``_SPLIT_WAVES`` programs per SM, into as many parts as fill them, keeping at least
+    ``_SPLIT_MIN_BLOCKS`` key blocks per part.
+    """
+    sms = sm_count(device)
+    n_blocks = -(-max_seqlen_k // block_n)
+    target = _SPLIT_WAVES * sms
+    if programs <= 0 or programs >= target or n_blocks < 2 * _SPLIT_MIN_BLOCKS:
+        return 1
+    splits = -(-target // programs)
+    return max(1, min(splits, n_blocks // _SPLIT_MIN_BLOCKS, max_splits))
 
 
 def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool) -> AttnBwdConfig:
@@ -106,3 +155,30 @@ def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool) -> AttnBw
     if arch == 0:
         return _INTERP_BWD
     return _lookup(_BWD_TABLE.get(arch, _BWD_FALLBACK), max(d, dv))
+
+
+@dataclass(frozen=True)
+class AttnFwdHopperConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    warp_specialize: bool
+
+
+# Hopper forward (kernels/fwd_hopper.py), keyed by max(D, Dv). Candidates are limited to those whose
+# sm_90 build does not spill (tests/sm90_compile.py; checked in CI). First rows, before timing on the
+# device: warp-specialized at 4 warps (FACTS.md measured that shape fastest for a Triton forward on
+# H100); D=256 without warp specialization (every specialized D=256 build spills).
+_FWD_HOPPER_TABLE = [
+    (64, AttnFwdHopperConfig(128, 128, 4, 2, True)),
+    (128, AttnFwdHopperConfig(128, 64, 4, 3, True)),
+    (256, AttnFwdHopperConfig(128, 64, 8, 2, False)),
+]
+
+
+def pick_attn_fwd_hopper_config(d: int, dv: int, causal: bool) -> AttnFwdHopperConfig:
+    """The Hopper forward tile config (the tuner may force one with ``use_configs(fwd_hopper=...)``)."""
+    if "fwd_hopper" in _OVERRIDE:
+        return _OVERRIDE["fwd_hopper"]
+    return _lookup(_FWD_HOPPER_TABLE, max(d, dv))

@@ -17,6 +17,7 @@ from torch import Tensor
 from . import checks
 from .kernels.bwd import attn_bwd
 from .kernels.fwd import attn_fwd
+from .kernels.fwd_hopper import attn_fwd_hopper, hopper_fwd_eligible
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -41,6 +42,19 @@ def _new_outputs(q, v, cu_seqlens_q):
     return out, lse
 
 
+def _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+             softmax_scale, window_left, window_right, softcap, sink):
+    """The Hopper forward where it applies (sm_90, dense, packed heads), else the portable kernel."""
+    if hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k):
+        attn_fwd_hopper(q, k, v, out, lse, softmax_scale=softmax_scale, window_left=window_left,
+                        window_right=window_right, softcap=softcap, sink=sink)
+        return
+    attn_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+             seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+             softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
+             softcap=softcap, sink=sink)
+
+
 @torch.library.custom_op("triflash::attn_fwd", mutates_args=())
 def _attn_fwd_op(
     q: Tensor, k: Tensor, v: Tensor,
@@ -50,10 +64,8 @@ def _attn_fwd_op(
     window_left: Optional[int], window_right: Optional[int], softcap: float, sink: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     out, lse = _new_outputs(q, v, cu_seqlens_q)
-    attn_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
-             seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-             softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
-             softcap=softcap, sink=sink)
+    _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+             softmax_scale, window_left, window_right, softcap, sink)
     return out, lse
 
 
@@ -72,10 +84,8 @@ def _attn_fwd_out_op(
     window_left: Optional[int], window_right: Optional[int], softcap: float, sink: Optional[Tensor],
 ) -> Tensor:
     lse = _empty(_lse_shape(q, cu_seqlens_q is not None), q, torch.float32)
-    attn_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
-             seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-             softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
-             softcap=softcap, sink=sink)
+    _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+             softmax_scale, window_left, window_right, softcap, sink)
     return lse
 
 

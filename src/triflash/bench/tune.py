@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import os
 import sys
 import time
 
@@ -25,6 +26,15 @@ def fwd_candidates():
     return [AttnFwdConfig(m, n, w, s) for (m, n), w, s in itertools.product(FWD_TILES, (4, 8), (2, 3))]
 
 
+def fwd_hopper_candidates():
+    from triflash.configs import AttnFwdHopperConfig
+
+    # Only configs whose sm_90 build does not spill (tests/sm90_compile.py), per head dim.
+    rows = [(128, 64, 4, 3, True), (128, 64, 4, 2, True), (128, 64, 4, 4, True), (128, 128, 4, 2, True),
+            (128, 128, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 2, False), (128, 32, 8, 2, False)]
+    return [AttnFwdHopperConfig(*r) for r in rows]
+
+
 def bwd_candidates():
     from triflash.configs import AttnBwdConfig
 
@@ -36,7 +46,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--total-tokens", type=int, default=16384)
     parser.add_argument("--model-dim", type=int, default=2048)
-    parser.add_argument("--passes", default="fwd,bwd")
+    parser.add_argument("--passes", default="fwd,bwd", help="comma list of fwd, fwd_hopper, bwd")
     parser.add_argument("--causal", choices=("yes", "no", "both"), default="no")
     parser.add_argument("--rep", type=int, default=40, help="do_bench repetition time in ms")
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop searching after this many seconds")
@@ -45,7 +55,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def _bench_fn(pass_name, q, k, v, causal):
     from triflash import flash_attn_func
 
-    if pass_name == "fwd":
+    if pass_name in ("fwd", "fwd_hopper"):
         def fn():
             with torch.no_grad():
                 return flash_attn_func(q, k, v, causal=causal)
@@ -79,7 +89,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     device = torch.cuda.get_device_name()
     causals = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     jobs = [(p, int(d), c) for p in args.passes.split(",") for d in args.headdims.split(",") for c in causals]
-    cands = {"fwd": fwd_candidates(), "bwd": bwd_candidates()}
+    cands = {"fwd": fwd_candidates(), "bwd": bwd_candidates(), "fwd_hopper": fwd_hopper_candidates()}
     step, stop = _progress(sum(len(cands[p]) for p, _, _ in jobs))
     deadline = time.monotonic() + args.budget_s
     best_rows = []
@@ -89,6 +99,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         q, k, v = (torch.randn(batch, args.seqlen, nheads, d, device="cuda", dtype=torch.bfloat16, generator=gen)
                    .requires_grad_(pass_name == "bwd") for _ in range(3))
         flops = 4 * batch * nheads * args.seqlen**2 * d * (0.5 if causal else 1) * (2.5 if pass_name == "bwd" else 1)
+        # The portable forward is timed with the Hopper path off; fwd_hopper with it on (the default).
+        os.environ["TRIFLASH_HOPPER"] = "0" if pass_name == "fwd" else "1"
         results = []
         for cfg in cands[pass_name]:
             step(f"{pass_name} d{d} {'causal' if causal else 'full'} {cfg}")
