@@ -55,3 +55,14 @@ def check_against_ref(fn, tensors, ref_kwargs, grad=True, ref_fp64=True, check_l
         assert not torch.isnan(a).any(), f"d{name}: NaN"
         assert_close(f"d{name}", a.to(tensors[name].dtype), r, p.to(tensors[name].dtype), factor=3.0)
     return out, lse, g
+
+
+def check_fwd_against_ref(out, lse, tensors, ref_kwargs, ref_fp64=True):
+    """A forward-only result ``(out, lse)`` vs ``attention_ref(**tensors, **ref_kwargs)`` (SPEC §6)."""
+    ref_t = {n: t.to(torch.float64 if ref_fp64 else torch.float32) if t.is_floating_point() else t
+             for n, t in tensors.items()}
+    ref_out, ref_lse = attention_ref(**ref_t, **ref_kwargs, fp64=ref_fp64)
+    pt_out, pt_lse = attention_ref(**tensors, **ref_kwargs, upcast=False, reorder_ops=True)
+    assert_close("out", out, ref_out, pt_out)
+    if lse is not None:
+        assert_close("lse", lse, ref_lse, pt_lse.float())

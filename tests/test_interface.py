@@ -147,7 +147,9 @@ MISUSE = {
     "seqused-shape": (lambda q, k, v: flash_attn_varlen_func(
         q, k, v, seqused_k=torch.tensor([1, 2], dtype=torch.int32, device=q.device)), ValueError, "seqused_k"),
     "qv-not-built": (lambda q, k, v: flash_attn_func(q, k, v, qv=q), NotImplementedError, "qv"),
-    "splits-not-built": (lambda q, k, v: flash_attn_func(q, k, v, num_splits=3), NotImplementedError, "num_splits"),
+    "splits-negative": (lambda q, k, v: flash_attn_func(q, k, v, num_splits=-1), ValueError, "num_splits"),
+    "splits-type": (lambda q, k, v: flash_attn_func(q, k, v, num_splits=2.0), TypeError, "num_splits"),
+    "pack-gqa-type": (lambda q, k, v: flash_attn_func(q, k, v, pack_gqa="yes"), TypeError, "pack_gqa"),
 }
 
 

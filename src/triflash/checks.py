@@ -47,13 +47,13 @@ def check_shape(name, x, expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(x.shape)}")
 
 
-def check_device(q):
+def check_device(q, name="q"):
     """CUDA tensors run the compiled kernels; CPU tensors need Triton's interpreter."""
     if q.device.type == "cuda":
         return
     if q.device.type == "cpu" and interpreting():
         return
-    raise ValueError(f"q: expected a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set before "
+    raise ValueError(f"{name}: expected a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set before "
                      f"importing triflash), got a tensor on {q.device}")
 
 
@@ -142,6 +142,41 @@ def check_index_tensor(name, x, length, device):
         raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {x.device}")
     if x.stride(0) != 1 and length > 1:
         raise ValueError(f"{name}: expected a contiguous tensor, got stride {x.stride(0)}")
+
+
+def check_page_table(page_table, batch, device):
+    """int32 ``(B, max_pages)`` page table on the device of q."""
+    if not isinstance(page_table, torch.Tensor):
+        raise TypeError(f"page_table: expected an int32 tensor, got {_desc(page_table)}")
+    if page_table.dtype != torch.int32:
+        raise TypeError(f"page_table: expected dtype torch.int32, got {page_table.dtype}")
+    if page_table.dim() != 2 or page_table.shape[0] != batch:
+        raise ValueError(f"page_table: expected shape ({batch}, max_pages), got {tuple(page_table.shape)}")
+    if page_table.device != device:
+        raise ValueError(f"page_table: expected a tensor on {device} (the device of q), got {page_table.device}")
+    if page_table.numel() > 0 and page_table.stride(1) != 1 and page_table.shape[1] > 1:
+        raise ValueError(f"page_table: the last dimension must be contiguous, got strides {tuple(page_table.stride())}")
+
+
+def check_paged_cache(name, cache):
+    """A paged cache ``(num_pages, page_size, Hk, D)`` needs at least one page of at least one token."""
+    if cache.shape[0] < 1 or cache.shape[1] < 1:
+        raise ValueError(f"{name}: a paged cache (num_pages, page_size, Hk, D) needs num_pages >= 1 and "
+                         f"page_size >= 1, got shape {tuple(cache.shape)}")
+
+
+def check_num_splits(num_splits):
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise TypeError(f"num_splits: expected an int (0 = auto, 1 = no split, n > 1), got {_desc(num_splits)}")
+    if num_splits < 0 or num_splits > 256:
+        raise ValueError(f"num_splits: expected 0 (auto), 1, or up to 256 parts, got {num_splits}")
+    return num_splits
+
+
+def check_pack_gqa(pack_gqa):
+    if pack_gqa is not None and not isinstance(pack_gqa, bool):
+        raise TypeError(f"pack_gqa: expected None (auto), True or False, got {_desc(pack_gqa)}")
+    return pack_gqa
 
 
 def not_built(**kwargs):

@@ -15,11 +15,14 @@ import torch
 from torch import Tensor
 
 from . import checks
+from .configs import pick_attn_fwd_config, pick_num_splits
 from .kernels.bwd import attn_bwd
+from .kernels.combine import attn_combine
 from .kernels.fwd import attn_fwd
 from .kernels.fwd_hopper import attn_fwd_hopper, hopper_fwd_eligible
+from .kernels.kvcache import append_kv, rotary_q
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "flash_attn_combine"]
 
 _MAX_HEAD_DIM_BWD = checks.MAX_HEAD_DIM
 
@@ -55,23 +58,40 @@ def _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k
              softcap=softcap, sink=sink)
 
 
+def _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx,
+                leftpad_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink,
+                num_splits, pack_gqa):
+    """Serving features (paged/cached KV, split-KV, pack_gqa) run the portable kernel; the rest ``_run_fwd``."""
+    if page_table is None and kv_batch_idx is None and leftpad_k is None and num_splits == 1 and not pack_gqa:
+        _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+                 softmax_scale, window_left, window_right, softcap, sink)
+        return
+    attn_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+             seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+             softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
+             softcap=softcap, sink=sink, page_table=page_table, kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k,
+             num_splits=num_splits, pack_gqa=pack_gqa)
+
+
 @torch.library.custom_op("triflash::attn_fwd", mutates_args=())
 def _attn_fwd_op(
     q: Tensor, k: Tensor, v: Tensor,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
+    page_table: Optional[Tensor], kv_batch_idx: Optional[Tensor], leftpad_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     window_left: Optional[int], window_right: Optional[int], softcap: float, sink: Optional[Tensor],
+    num_splits: int, pack_gqa: bool,
 ) -> tuple[Tensor, Tensor]:
     out, lse = _new_outputs(q, v, cu_seqlens_q)
-    _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
-             softmax_scale, window_left, window_right, softcap, sink)
+    _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx,
+                leftpad_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink,
+                num_splits, pack_gqa)
     return out, lse
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
-      softmax_scale, window_left, window_right, softcap, sink):
+def _(q, k, v, cu_seqlens_q, *args):
     return _new_outputs(q, v, cu_seqlens_q)
 
 
@@ -80,18 +100,20 @@ def _attn_fwd_out_op(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
+    page_table: Optional[Tensor], kv_batch_idx: Optional[Tensor], leftpad_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     window_left: Optional[int], window_right: Optional[int], softcap: float, sink: Optional[Tensor],
+    num_splits: int, pack_gqa: bool,
 ) -> Tensor:
     lse = _empty(_lse_shape(q, cu_seqlens_q is not None), q, torch.float32)
-    _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
-             softmax_scale, window_left, window_right, softcap, sink)
+    _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx,
+                leftpad_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink,
+                num_splits, pack_gqa)
     return lse
 
 
 @_attn_fwd_out_op.register_fake
-def _(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
-      softmax_scale, window_left, window_right, softcap, sink):
+def _(q, k, v, out, cu_seqlens_q, *args):
     return q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -129,15 +151,21 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_q, sequ
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, left, right, softcap, sink) = inputs
+    (q, k, v, cu_q, cu_k, used_q, used_k, page_table, kv_batch_idx, leftpad_k, max_q, max_k, scale, left, right,
+     softcap, sink, _, _) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, sink)
     ctx.args = (max_q, max_k, scale, left, right, softcap)
     ctx.has_sink = sink is not None
+    ctx.forward_only = next((name for name, t in (("page_table", page_table), ("cache_batch_idx", kv_batch_idx),
+                                                  ("cache_leftpad", leftpad_k)) if t is not None), None)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, used_q, used_k, sink = ctx.saved_tensors
+    if ctx.forward_only is not None:
+        raise NotImplementedError(f"{ctx.forward_only}: the backward of paged / cached KV is not implemented "
+                                  f"(forward-only)")
     if v.shape[-1] > _MAX_HEAD_DIM_BWD:
         raise NotImplementedError(f"backward: head dim of v up to {_MAX_HEAD_DIM_BWD} is supported, got "
                                   f"{v.shape[-1]} (larger values are forward-only)")
@@ -149,23 +177,22 @@ def _backward(ctx, dout, dlse):
         dlse = dlse.contiguous()
     dq, dk, dv, dsink = torch.ops.triflash.attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, used_q,
                                                     used_k, *ctx.args, sink)
-    grads = [dq, dk, dv] + [None] * 10 + [dsink.to(sink.dtype) if ctx.has_sink else None]
+    grads = [dq, dk, dv] + [None] * 13 + [dsink.to(sink.dtype) if ctx.has_sink else None, None, None]
     return tuple(grads)
 
 
 torch.library.register_autograd("triflash::attn_fwd", _backward, setup_context=_setup_context)
 
 
-def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, page_table,
               softmax_scale, window_size, causal, softcap, learnable_sink, out):
     """All of SPEC.md §4 for the attention functions; returns the canonical launch arguments."""
-    varlen_q, varlen_k = cu_seqlens_q is not None, cu_seqlens_k is not None
-    checks.check_tensor("q", q, 3 if varlen_q else 4)
-    checks.check_device(q)
+    varlen_q, varlen_k, paged = cu_seqlens_q is not None, cu_seqlens_k is not None, page_table is not None
+    _check_q(q, varlen_q)
     dev = q.device
-    if q.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        checks.not_built(**{"fp8 q/k/v": True})
-    checks.check_tensor("q", q, 3 if varlen_q else 4, dtypes=checks.FLOAT_DTYPES)
+    if paged and varlen_k:
+        raise ValueError("page_table: paged KV cannot be combined with cu_seqlens_k; give each sequence's length "
+                         "with seqused_k instead")
     checks.check_tensor("k", k, 3 if varlen_k else 4, device=dev)
     checks.check_tensor("v", v, 3 if varlen_k else 4, device=dev)
     for name, x in (("k", k), ("v", v)):
@@ -184,22 +211,45 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         raise ValueError(f"k: expected head dim {d} (that of q), got {k.shape[-1]}")
     checks.check_heads(nheads, nheads_k)
     checks.check_head_dims(d, dv)
-    if varlen_k:
+    if paged:
+        checks.check_page_table(page_table, batch, dev)
+        checks.check_paged_cache("k", k)
+        k_capacity = page_table.shape[1] * k.shape[1]
+    elif varlen_k:
         checks.check_index_tensor("cu_seqlens_k", cu_seqlens_k, batch + 1, dev)
         if max_seqlen_k is None:
             raise ValueError("max_seqlen_k: required with cu_seqlens_k (the longest key sequence)")
+        k_capacity = None
     elif k.shape[0] != batch:
         raise ValueError(f"k: expected batch size {batch} (that of q), got {k.shape[0]}")
+    else:
+        k_capacity = k.shape[1]
     checks.check_index_tensor("seqused_q", seqused_q, batch, dev)
     checks.check_index_tensor("seqused_k", seqused_k, batch, dev)
     max_seqlen_q = checks.check_int_arg("max_seqlen_q", max_seqlen_q, None if varlen_q else q.shape[1])
-    max_seqlen_k = checks.check_int_arg("max_seqlen_k", max_seqlen_k, None if varlen_k else k.shape[1])
+    max_seqlen_k = checks.check_int_arg("max_seqlen_k", max_seqlen_k, k_capacity)
     if not varlen_q and max_seqlen_q > q.shape[1]:
         raise ValueError(f"max_seqlen_q: expected at most the padded length {q.shape[1]}, got {max_seqlen_q}")
-    if not varlen_k and max_seqlen_k > k.shape[1]:
-        raise ValueError(f"max_seqlen_k: expected at most the padded length {k.shape[1]}, got {max_seqlen_k}")
+    if k_capacity is not None and max_seqlen_k > k_capacity:
+        what = "max_pages * page_size" if paged else "the padded length"
+        raise ValueError(f"max_seqlen_k: expected at most {what} {k_capacity}, got {max_seqlen_k}")
     if not varlen_q:
         max_seqlen_q = q.shape[1]  # the grid covers every padded row: rows past seqused are written as 0
+    _check_sink_out(learnable_sink, out, q, nheads, dv)
+    left, right, scale, softcap = _check_softmax_args(causal, window_size, softmax_scale, d, softcap)
+    return (max_seqlen_q, max_seqlen_k, scale, left, right, softcap)
+
+
+def _check_q(q, varlen_q):
+    checks.check_tensor("q", q, 3 if varlen_q else 4)
+    checks.check_device(q)
+    if q.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        checks.not_built(**{"fp8 q/k/v": True})
+    checks.check_tensor("q", q, 3 if varlen_q else 4, dtypes=checks.FLOAT_DTYPES)
+
+
+def _check_sink_out(learnable_sink, out, q, nheads, dv):
+    dev = q.device
     if learnable_sink is not None:
         checks.check_tensor("learnable_sink", learnable_sink, 1, device=dev, dtypes=checks.FLOAT_DTYPES)
         checks.check_shape("learnable_sink", learnable_sink, (nheads,))
@@ -208,35 +258,65 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         checks.check_shape("out", out, tuple(q.shape[:-1]) + (dv,))
         if out.dtype != q.dtype:
             raise TypeError(f"out: expected dtype {q.dtype}, got {out.dtype}")
+
+
+def _check_softmax_args(causal, window_size, softmax_scale, d, softcap):
     if isinstance(causal, torch.Tensor) or not isinstance(causal, (bool, int)):
         raise TypeError(f"causal: expected a bool, got {checks._desc(causal)}")
     left, right = checks.canonical_window(window_size, bool(causal))
     scale = checks.check_scale(softmax_scale, 1.0 / math.sqrt(d))
     softcap = checks.check_softcap(softcap)
-    return (max_seqlen_q, max_seqlen_k, scale, left, right, softcap)
+    return left, right, scale, softcap
+
+
+def _plan(q, nheads_k, dv, batch, max_seqlen_q, max_seqlen_k, window_right, num_splits, pack_gqa, needs_grad):
+    """Host-only launch choices ``(num_splits, pack_gqa)``; no device sync, so CUDA graphs can capture it.
+
+    Both are forward-only: with gradients the forward runs unsplit and unpacked (same results up to
+    rounding), so the backward sees the usual LSE layout.
+    """
+    if needs_grad:
+        return 1, False
+    nheads, d = q.shape[-2], q.shape[-1]
+    group = nheads // nheads_k
+    if pack_gqa is None:
+        # FlashAttention-3's rule: pack when it cuts the number of query tiles by more than 10%.
+        block_m = pick_attn_fwd_config(q.device, d, dv, q.dtype, window_right is not None).block_m
+        pack = group > 1 and -(-max_seqlen_q * group // block_m) < 0.9 * group * -(-max_seqlen_q // block_m)
+    else:
+        pack = pack_gqa and group > 1
+    if num_splits == 0:
+        rows = max_seqlen_q * (group if pack else 1)
+        cfg = pick_attn_fwd_config(q.device, d, dv, q.dtype, window_right is not None, rows=rows)
+        programs = -(-rows // cfg.block_m) * (nheads_k if pack else nheads) * batch
+        num_splits = pick_num_splits(q.device, programs, max_seqlen_k, cfg.block_n)
+    return num_splits, bool(pack)
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
                page_table, softmax_scale, causal, window_size, softcap, learnable_sink, qv, q_descale,
                k_descale, v_descale, num_splits, pack_gqa, deterministic, return_lse, score_mod,
                score_mod_bwd, mask_mod, aux_tensors, block_mask, gather_kv_indices, out):
-    checks.not_built(page_table=page_table is not None, qv=qv is not None,
+    checks.not_built(qv=qv is not None,
                      q_descale=q_descale is not None, k_descale=k_descale is not None,
                      v_descale=v_descale is not None, score_mod=score_mod is not None,
                      score_mod_bwd=score_mod_bwd is not None, mask_mod=mask_mod is not None,
                      aux_tensors=aux_tensors is not None, block_mask=block_mask is not None,
-                     gather_kv_indices=gather_kv_indices is not None,
-                     num_splits=not isinstance(num_splits, int) or num_splits > 1,
-                     pack_gqa=pack_gqa is True)
-    if num_splits < 0:
-        raise ValueError(f"num_splits: expected 0 (auto), 1 or more, got {num_splits}")
+                     gather_kv_indices=gather_kv_indices is not None)
+    num_splits = checks.check_num_splits(num_splits)
+    pack_gqa = checks.check_pack_gqa(pack_gqa)
     max_q, max_k, scale, left, right, softcap = _validate(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, page_table,
         softmax_scale, window_size, causal, softcap, learnable_sink, out)
-    args = (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_q, max_k, scale, left, right, softcap,
-            learnable_sink)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, learnable_sink))
+    needs_grad = _needs_grad(q, k, v, learnable_sink)
+    batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
+    splits, pack = _plan(q, k.shape[-2], v.shape[-1], batch, max_q, max_k, right, num_splits, pack_gqa, needs_grad)
+    args = (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, None, None, max_q, max_k, scale, left,
+            right, softcap, learnable_sink, splits, pack)
     if out is not None and not needs_grad:
         lse = torch.ops.triflash.attn_fwd_out(q, k, v, out, *args)
         result = out
@@ -266,12 +346,18 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
             ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``; -1 or None is unbounded.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         learnable_sink: ``(H,)`` one extra logit per head in the softmax denominator (differentiable).
+        num_splits: 1 (default) = no split; n > 1 splits each query tile's keys over up to n programs
+            merged by the combine kernel; 0 = choose from the SM count and the sizes. Forward-only:
+            when an input requires grad the forward runs unsplit.
+        pack_gqa: None = choose (pack when it cuts the query tiles, e.g. decode); True = fold the
+            ``H // Hk`` query heads of a kv head into one tile; False = off. Forward-only like
+            num_splits. Neither changes results beyond rounding.
         deterministic: accepted; triflash's backward is always bitwise reproducible (no atomics).
         return_lse: also return the log-sum-exp ``(B, H, Sq)`` fp32 (natural log, differentiable).
         out: optional preallocated ``(B, Sq, H, Dv)`` output written in place.
-        qv, q_descale, k_descale, v_descale, num_splits (> 1), pack_gqa (True), score_mod,
-        score_mod_bwd, mask_mod, aux_tensors, block_mask, gather_kv_indices: not built yet; passing
-        them raises ``NotImplementedError`` (README feature table).
+        qv, q_descale, k_descale, v_descale, score_mod, score_mod_bwd, mask_mod, aux_tensors,
+        block_mask, gather_kv_indices: not built yet; passing them raises ``NotImplementedError``
+        (README feature table).
 
     Returns:
         ``out`` ``(B, Sq, H, Dv)`` in q's dtype, or ``(out, lse)`` when ``return_lse``. Rows that see
@@ -301,7 +387,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
     sums starting at 0 and ``max_seqlen_q`` (a Python int; a 0-dim tensor is accepted but reading
     it costs one device sync), or padded ``(B, S, H, D)``. ``seqused_q`` / ``seqused_k`` int32
     ``(B,)`` limit sequence b to its first ``seqused[b]`` tokens; padded rows past ``seqused_q``
-    are written as rows that see no key (0). Every other argument is as in ``flash_attn_func``.
+    are written as rows that see no key (0).
+
+    Paged KV: with ``page_table`` int32 ``(B, max_pages)``, k/v are caches
+    ``(num_pages, page_size, Hk, D|Dv)`` (any ``page_size >= 1``, pages in any order, shared pages
+    allowed) and token t of sequence b is ``cache[page_table[b, t // page_size], t % page_size]``.
+    Lengths come from ``seqused_k`` (default: the whole row, ``max_pages * page_size``); table
+    entries past a sequence's last page are never read. Not combined with ``cu_seqlens_k``; the
+    backward is not implemented for paged KV. Every other argument is as in ``flash_attn_func``.
 
     Returns:
         ``out`` with q's layout (last dim Dv), or ``(out, lse)``; ``lse`` is ``(H, Tq)`` when q is
@@ -311,8 +404,307 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
         >>> cu = torch.tensor([0, 100, 100, 350], dtype=torch.int32, device="cuda")
         >>> q = torch.randn(350, 8, 64, device="cuda", dtype=torch.float16); k = v = q
         >>> out = flash_attn_varlen_func(q, k, v, cu, cu, 250, 250, causal=True)
+        >>> cache = torch.randn(64, 16, 2, 64, device="cuda", dtype=torch.float16)  # 64 pages of 16
+        >>> table = torch.randperm(64, device="cuda", dtype=torch.int32).view(2, 32)
+        >>> used = torch.tensor([300, 17], dtype=torch.int32, device="cuda")
+        >>> out = flash_attn_varlen_func(q[:2, None], cache, cache, seqused_k=used, page_table=table)
     """
     return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
                       page_table, softmax_scale, causal, window_size, softcap, learnable_sink, qv, q_descale,
                       k_descale, v_descale, num_splits, pack_gqa, deterministic, return_lse, score_mod,
                       score_mod_bwd, mask_mod, aux_tensors, block_mask, gather_kv_indices, out)
+
+
+@torch.library.custom_op("triflash::kvcache_append", mutates_args=("k_cache", "v_cache"))
+def _kvcache_append_op(
+    k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor, page_table: Optional[Tensor],
+    cache_batch_idx: Optional[Tensor], rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
+    rotary_interleaved: bool,
+) -> None:
+    append_kv(k_cache, v_cache, k, v, cache_seqlens, page_table, cache_batch_idx, rotary_cos, rotary_sin,
+              rotary_interleaved)
+
+
+@_kvcache_append_op.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op("triflash::rotary_q", mutates_args=())
+def _rotary_q_op(
+    q: Tensor, cache_seqlens: Tensor, cu_seqlens_q: Optional[Tensor], max_seqlen_q: int, rotary_cos: Tensor,
+    rotary_sin: Tensor, rotary_interleaved: bool, per_row: bool,
+) -> Tensor:
+    out = q.new_empty(q.shape)
+    rotary_q(q, out, cache_seqlens, cu_seqlens_q, max_seqlen_q, rotary_cos, rotary_sin, rotary_interleaved, per_row)
+    return out
+
+
+@_rotary_q_op.register_fake
+def _(q, *args):
+    return q.new_empty(q.shape)
+
+
+def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table, cache_batch_idx, cache_leftpad,
+                      rotary_cos, rotary_sin, rotary_interleaved, cu_seqlens_q, max_seqlen_q):
+    """SPEC.md §4 for ``flash_attn_with_kvcache``'s cache arguments; returns (batch, max_seqlen_q, capacity)."""
+    varlen_q = cu_seqlens_q is not None
+    _check_q(q, varlen_q)
+    dev = q.device
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        checks.check_tensor(name, x, 4, device=dev)
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {x.dtype}")
+    if varlen_q:
+        checks.check_index_tensor("cu_seqlens_q", cu_seqlens_q, None, dev)
+        if max_seqlen_q is None:
+            raise ValueError("max_seqlen_q: required with cu_seqlens_q (the longest query sequence)")
+        max_seqlen_q = checks.check_int_arg("max_seqlen_q", max_seqlen_q, None)
+    else:
+        if max_seqlen_q is not None:
+            raise ValueError("max_seqlen_q: only used with cu_seqlens_q (varlen queries); q is padded here")
+        max_seqlen_q = q.shape[1]
+    batch = cu_seqlens_q.shape[0] - 1 if varlen_q else q.shape[0]
+    nheads, d = q.shape[-2], q.shape[-1]
+    nheads_k, dv = k_cache.shape[-2], v_cache.shape[-1]
+    if v_cache.shape[:-1] != k_cache.shape[:-1]:
+        raise ValueError(f"v_cache: expected the leading dims of k_cache {tuple(k_cache.shape[:-1])}, got "
+                         f"{tuple(v_cache.shape[:-1])}")
+    if k_cache.shape[-1] != d:
+        raise ValueError(f"k_cache: expected head dim {d} (that of q), got {k_cache.shape[-1]}")
+    checks.check_heads(nheads, nheads_k)
+    checks.check_head_dims(d, dv)
+    if page_table is not None:
+        checks.check_page_table(page_table, batch, dev)
+        checks.check_paged_cache("k_cache", k_cache)
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx: not combined with page_table (the page table already maps each "
+                             "sequence to its pages)")
+        capacity = page_table.shape[1] * k_cache.shape[1]
+    else:
+        capacity = k_cache.shape[1]
+        if cache_batch_idx is not None:
+            checks.check_index_tensor("cache_batch_idx", cache_batch_idx, batch, dev)
+            if batch > 0 and k_cache.shape[0] == 0:
+                raise ValueError("k_cache: expected at least one cache row for cache_batch_idx, got 0")
+        elif k_cache.shape[0] < batch:
+            raise ValueError(f"k_cache: expected at least {batch} rows (the batch of q) without cache_batch_idx, "
+                             f"got {k_cache.shape[0]}")
+    if isinstance(cache_seqlens, torch.Tensor):
+        checks.check_index_tensor("cache_seqlens", cache_seqlens, batch, dev)
+    elif cache_seqlens is not None:
+        checks.check_int_arg("cache_seqlens", cache_seqlens, None)
+        if cache_seqlens > capacity:
+            raise ValueError(f"cache_seqlens: expected at most the cache capacity {capacity}, got {cache_seqlens}")
+    checks.check_index_tensor("cache_leftpad", cache_leftpad, batch, dev)
+    if (k is None) != (v is None):
+        raise ValueError(f"k, v: give both new keys and values or neither, got k={checks._desc(k)}, "
+                         f"v={checks._desc(v)}")
+    if k is not None:
+        checks.check_tensor("k", k, 4, device=dev)
+        checks.check_tensor("v", v, 4, device=dev)
+        for name, x in (("k", k), ("v", v)):
+            if x.dtype != q.dtype:
+                raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {x.dtype}")
+        checks.check_shape("k", k, (batch, k.shape[1], nheads_k, d))
+        checks.check_shape("v", v, (batch, k.shape[1], nheads_k, dv))
+        if cache_seqlens is None:
+            raise ValueError("cache_seqlens: required with k/v (where the new tokens go in the cache)")
+        if k.shape[1] > capacity:
+            raise ValueError(f"k: expected at most the cache capacity {capacity} new tokens, got {k.shape[1]}")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos, rotary_sin: give both or neither")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos: rotary embeddings are applied when new k/v are appended; give k and v")
+        if not isinstance(rotary_interleaved, bool):
+            raise TypeError(f"rotary_interleaved: expected a bool, got {checks._desc(rotary_interleaved)}")
+        for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            checks.check_tensor(name, x, 2, device=dev, dtypes=checks.FLOAT_DTYPES)
+        checks.check_shape("rotary_sin", rotary_sin, rotary_cos.shape)
+        if not 1 <= rotary_cos.shape[1] <= d // 2:
+            raise ValueError(f"rotary_cos: expected shape (max_pos, rotary_dim / 2) with 2 <= rotary_dim <= {d}, "
+                             f"got {tuple(rotary_cos.shape)}")
+        if rotary_cos.shape[0] < capacity:
+            raise ValueError(f"rotary_cos: expected at least the cache capacity {capacity} positions, got "
+                             f"{rotary_cos.shape[0]}")
+    return batch, max_seqlen_q, capacity
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, page_table=None,
+                            cache_batch_idx=None, cache_leftpad=None, rotary_cos=None, rotary_sin=None,
+                            rotary_interleaved=True, cu_seqlens_q=None, max_seqlen_q=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, learnable_sink=None, qv=None,
+                            q_descale=None, k_descale=None, v_descale=None, num_splits=0, pack_gqa=None,
+                            return_lse=False, out=None):
+    """Attention of new queries over a KV cache, appending new keys/values to the cache in place.
+
+    Steps: (1) when ``k``/``v`` are given they are written into the cache at positions
+    ``cache_seqlens[b] + t`` (k rotated first when ``rotary_cos/sin`` are given); (2) q is rotated
+    into a temporary (the caller's q is never modified) at positions ``cache_seqlens[b] + i`` when
+    causal or windowed, else all at ``cache_seqlens[b]``; (3) attention runs over the updated cache:
+    row b sees keys ``[cache_leftpad[b], cache_seqlens[b] + Snew)``, causal/windows bottom-right
+    aligned to that range. Rotary positions are absolute cache positions: ``cache_leftpad`` does not
+    shift them (FlashAttention-2's rule). Forward-only: the output carries no gradient. Nothing here
+    syncs the host with the device, so a decode step with fixed sizes can be captured in a CUDA graph
+    and replayed while ``cache_seqlens`` and ``page_table`` change.
+
+    Args:
+        q: ``(B, Sq, H, D)``, or ``(Tq, H, D)`` with ``cu_seqlens_q`` int32 ``(B+1,)`` and ``max_seqlen_q``.
+        k_cache, v_cache: ``(B_cache, S_cache, Hk, D|Dv)`` (``B_cache >= B``), or paged
+            ``(num_pages, page_size, Hk, D|Dv)`` with ``page_table``. Written in place when k/v are given.
+        k, v: optional new tokens ``(B, Snew, Hk, D|Dv)``; need ``cache_seqlens``.
+        cache_seqlens: int32 ``(B,)`` (or an int for all rows): tokens already in each cache row.
+            None (without k/v): the whole cache row.
+        page_table: int32 ``(B, max_pages)``: token t of row b is at
+            ``cache[page_table[b, t // page_size], t % page_size]``; any page size >= 1.
+        cache_batch_idx: int32 ``(B,)``: row b uses cache row ``cache_batch_idx[b]`` (dense cache only).
+        cache_leftpad: int32 ``(B,)``: the first valid key of each row.
+        rotary_cos, rotary_sin: ``(max_pos, rotary_dim / 2)`` with ``max_pos >=`` the cache capacity;
+            dims past ``rotary_dim`` are untouched. Need k/v.
+        rotary_interleaved: True = GPT-J pairs ``(2i, 2i+1)``, False = GPT-NeoX halves.
+        num_splits: 0 (default) = choose from the SM count and the sizes; 1 = no split; n > 1 = at most
+            n key splits merged by the combine kernel (workspace sized by n: CUDA-graph safe).
+        pack_gqa: None = choose; True / False force it (see ``flash_attn_func``).
+        softmax_scale, causal, window_size, softcap, learnable_sink, return_lse, out: as in
+            ``flash_attn_func``.
+        qv, q_descale, k_descale, v_descale: not built yet (``NotImplementedError``).
+
+    Writes past the cache capacity are dropped and page ids outside the cache are ignored (a kernel
+    cannot check device values without a sync; no memory outside the tensors is touched).
+
+    Returns:
+        ``out`` ``(B, Sq, H, Dv)`` (``(Tq, H, Dv)`` varlen), or ``(out, lse)`` with ``lse`` ``(B, H, Sq)``
+        (``(H, Tq)``).
+
+    Example:
+        >>> k_cache = torch.zeros(4, 4096, 8, 128, device="cuda", dtype=torch.bfloat16); v_cache = k_cache.clone()
+        >>> lens = torch.tensor([10, 300, 0, 77], dtype=torch.int32, device="cuda")
+        >>> q = torch.randn(4, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+        >>> k = v = torch.randn(4, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
+        >>> out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
+    """
+    checks.not_built(qv=qv is not None, q_descale=q_descale is not None, k_descale=k_descale is not None,
+                     v_descale=v_descale is not None)
+    num_splits = checks.check_num_splits(num_splits)
+    pack_gqa = checks.check_pack_gqa(pack_gqa)
+    batch, max_q, capacity = _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table,
+                                               cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin,
+                                               rotary_interleaved, cu_seqlens_q, max_seqlen_q)
+    dv = v_cache.shape[-1]
+    _check_sink_out(learnable_sink, out, q, q.shape[-2], dv)
+    left, right, scale, softcap = _check_softmax_args(causal, window_size, softmax_scale, q.shape[-1], softcap)
+    with torch.no_grad():
+        if isinstance(cache_seqlens, int):
+            cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+        if k is not None:
+            torch.ops.triflash.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, page_table, cache_batch_idx,
+                                              rotary_cos, rotary_sin, rotary_interleaved)
+        if rotary_cos is not None:
+            q = torch.ops.triflash.rotary_q(q, cache_seqlens, cu_seqlens_q, max_q, rotary_cos, rotary_sin,
+                                            rotary_interleaved, left is not None or right is not None)
+        seqused_k = None
+        if cache_seqlens is not None:
+            seqused_k = cache_seqlens + k.shape[1] if k is not None else cache_seqlens
+        splits, pack = _plan(q, k_cache.shape[-2], dv, batch, max_q, capacity, right, num_splits, pack_gqa, False)
+        args = (cu_seqlens_q, None, None, seqused_k, page_table, cache_batch_idx, cache_leftpad, max_q, capacity,
+                scale, left, right, softcap, learnable_sink, splits, pack)
+        if out is not None:
+            lse = torch.ops.triflash.attn_fwd_out(q, k_cache, v_cache, out, *args)
+            result = out
+        else:
+            result, lse = torch.ops.triflash.attn_fwd(q, k_cache, v_cache, *args)
+    return (result, lse) if return_lse else result
+
+
+def _combine_lse(out_partial):
+    """lse for flash_attn_combine: (B, S, H) / (T, H) as a view of (B, H, S) / (H, T) storage."""
+    shape = tuple(out_partial.shape[1:-1])
+    if len(shape) == 3:
+        return _empty((shape[0], shape[2], shape[1]), out_partial, torch.float32).transpose(1, 2)
+    return _empty((shape[1], shape[0]), out_partial, torch.float32).t()
+
+
+def _combine_outputs(out_partial, out_dtype):
+    return _empty(tuple(out_partial.shape[1:]), out_partial, out_dtype), _combine_lse(out_partial)
+
+
+def _launch_combine(out_partial, lse_partial, out, lse):
+    if out_partial.dim() == 4:  # (n, T, H, Dv): one sequence of T rows
+        out_partial, lse_partial, out, lse = (out_partial.unsqueeze(1), lse_partial.unsqueeze(1), out.unsqueeze(0),
+                                              lse.unsqueeze(0))
+    attn_combine(out_partial, lse_partial, out, lse)
+
+
+@torch.library.custom_op("triflash::attn_combine", mutates_args=())
+def _combine_op(out_partial: Tensor, lse_partial: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    out, lse = _combine_outputs(out_partial, out_dtype)
+    _launch_combine(out_partial, lse_partial, out, lse)
+    return out, lse
+
+
+@_combine_op.register_fake
+def _(out_partial, lse_partial, out_dtype):
+    return _combine_outputs(out_partial, out_dtype)
+
+
+@torch.library.custom_op("triflash::attn_combine_out", mutates_args=("out",))
+def _combine_out_op(out_partial: Tensor, lse_partial: Tensor, out: Tensor) -> Tensor:
+    lse = _combine_lse(out_partial)
+    _launch_combine(out_partial, lse_partial, out, lse)
+    return lse
+
+
+@_combine_out_op.register_fake
+def _(out_partial, lse_partial, out):
+    return _combine_lse(out_partial)
+
+
+def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
+    """Merges split-KV partial results: the combine step of split-KV attention, as a public function.
+
+    Partial s of a row holds the attention output over one part of the keys (normalised within it)
+    and that part's LSE; the merged row is ``sum_s exp(lse_s - lse) * out_s`` with
+    ``lse = logsumexp_s(lse_s)``. Parts with LSE ``-inf`` saw no key and are skipped (their output
+    is never read); a row whose parts are all ``-inf`` gives 0 and LSE ``-inf``.
+
+    Args:
+        out_partial: fp32 ``(n, B, S, H, Dv)`` or ``(n, T, H, Dv)`` (varlen), last dim contiguous,
+            ``Dv <= 512``.
+        lse_partial: fp32 ``(n, B, S, H)`` or ``(n, T, H)``, natural log, any strides.
+        out: optional preallocated ``(B, S, H, Dv)`` / ``(T, H, Dv)`` output.
+        out_dtype: output dtype (fp16, bf16 or fp32); default that of ``out``, else fp32.
+
+    Returns:
+        ``(out, lse)``: ``lse`` fp32 ``(B, S, H)`` / ``(T, H)`` (a transposed view of ``(B, H, S)`` /
+        ``(H, T)`` storage, as FlashAttention-3 returns it).
+
+    Example:
+        >>> o = torch.randn(3, 2, 1, 8, 64, device="cuda"); l = torch.randn(3, 2, 1, 8, device="cuda")
+        >>> out, lse = flash_attn_combine(o, l, out_dtype=torch.bfloat16)
+    """
+    if not isinstance(out_partial, torch.Tensor):
+        raise TypeError(f"out_partial: expected a torch.Tensor, got {checks._desc(out_partial)}")
+    checks.check_tensor("out_partial", out_partial, (4, 5), dtypes=(torch.float32,))
+    checks.check_device(out_partial, "out_partial")
+    dev = out_partial.device
+    if not isinstance(lse_partial, torch.Tensor):
+        raise TypeError(f"lse_partial: expected a torch.Tensor, got {checks._desc(lse_partial)}")
+    if lse_partial.dtype != torch.float32:
+        raise TypeError(f"lse_partial: expected dtype torch.float32, got {lse_partial.dtype}")
+    if lse_partial.device != dev:
+        raise ValueError(f"lse_partial: expected a tensor on {dev} (the device of out_partial), got "
+                         f"{lse_partial.device}")
+    checks.check_shape("lse_partial", lse_partial, out_partial.shape[:-1])
+    if not 1 <= out_partial.shape[-1] <= checks.MAX_HEAD_DIM_V_FWD:
+        raise ValueError(f"out_partial: head dim must be in [1, {checks.MAX_HEAD_DIM_V_FWD}], got "
+                         f"{out_partial.shape[-1]}")
+    if out_dtype is not None and out_dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of {[str(d) for d in checks.FLOAT_DTYPES]}, got {out_dtype!r}")
+    if out is not None:
+        checks.check_tensor("out", out, out_partial.dim() - 1, device=dev, dtypes=checks.FLOAT_DTYPES)
+        checks.check_shape("out", out, out_partial.shape[1:])
+        if out_dtype is not None and out.dtype != out_dtype:
+            raise TypeError(f"out: expected dtype {out_dtype} (out_dtype), got {out.dtype}")
+        return out, torch.ops.triflash.attn_combine_out(out_partial, lse_partial, out)
+    return torch.ops.triflash.attn_combine(out_partial, lse_partial, out_dtype or torch.float32)

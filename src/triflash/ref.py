@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["attention_ref"]
+__all__ = ["attention_ref", "apply_rotary_ref"]
 
 _UNBOUNDED = None
 
@@ -207,3 +207,30 @@ def attention_ref(
         out = _pack(out, cu_seqlens_q, total_q)
         lse = _pack(lse.transpose(1, 2), cu_seqlens_q, total_q).transpose(0, 1)
     return out, lse
+
+
+def apply_rotary_ref(x, cos, sin, positions, interleaved=True):
+    """Rotary embedding of ``x`` ``(..., S, H, D)`` at integer ``positions`` ``(..., S)``, the definition
+    behind ``flash_attn_with_kvcache``'s ``rotary_cos/sin``.
+
+    ``cos``/``sin`` are ``(max_pos, rotary_dim / 2)``. Interleaved (GPT-J) rotates the pairs
+    ``(x[2i], x[2i+1])``, otherwise (GPT-NeoX) the pairs ``(x[i], x[i + rotary_dim/2])``, by the angle
+    of row ``positions`` and column i; dims past ``rotary_dim`` are unchanged. Computed in fp32 and
+    rounded once to x's dtype.
+
+    Example:
+        >>> x = torch.randn(1, 4, 2, 8); ang = torch.rand(16, 3)
+        >>> y = apply_rotary_ref(x, ang.cos(), ang.sin(), torch.arange(4).view(1, 4) + 5)
+    """
+    half = cos.shape[-1]
+    c = cos[positions.long()].float().unsqueeze(-2)  # (..., S, 1, rotary_dim / 2)
+    s = sin[positions.long()].float().unsqueeze(-2)
+    xf = x.float()
+    rot, rest = xf[..., : 2 * half], xf[..., 2 * half:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        y = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        y = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return torch.cat([y, rest], dim=-1).to(x.dtype)

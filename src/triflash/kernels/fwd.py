@@ -10,17 +10,19 @@ import triton
 import triton.language as tl
 
 from ..configs import pick_attn_fwd_config
-from .masking import _block_range, _load_tile, _score_mask, _seq_info, _tanh
+from .combine import attn_combine
+from .masking import _block_range, _kv_rows, _load_tile, _rows_range, _score_mask, _seq_info, _split_range, _tanh
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, end_n,
-               offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kp, stride_ks, stride_vp, stride_vs,
+               page_row_ptr, page_size, num_pages, tok0, start_n, end_n,
+               offs_q, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-               MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+               MASKED: tl.constexpr, PAGED_KV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
@@ -29,7 +31,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, 
     for start in tl.range(start_n, end_n, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen_k
-        kt = _load_tile(k_base + offs_n.to(tl.int64)[None, :] * stride_ks + offs_d[:, None],
+        k_rows, v_rows = _kv_rows(offs_n, n_ok, tok0, page_row_ptr, page_size, num_pages, stride_kp, stride_ks,
+                                  stride_vp, stride_vs, PAGED_KV, MASKED)
+        kt = _load_tile(k_base + k_rows[None, :] + offs_d[:, None],
                         n_ok[None, :], d_ok[:, None], MASKED, PAD_D)  # [BLOCK_D, BLOCK_N]
         qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_SOFTCAP:
@@ -37,7 +41,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, 
         else:
             qk = qk * qk_scale
         if MASKED:
-            visible = _score_mask(offs_m, offs_n, seqlen_q, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+            visible = _score_mask(offs_q, offs_n, seqlen_q, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
@@ -45,7 +49,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, 
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base + offs_n.to(tl.int64)[:, None] * stride_vs + offs_dv[None, :],
+        v = _load_tile(v_base + v_rows[:, None] + offs_dv[None, :],
                        n_ok[:, None], dv_ok[None, :], MASKED, PAD_DV)  # [BLOCK_N, BLOCK_DV]
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
@@ -56,81 +60,131 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, start_n, 
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, sink_ptr,
-    cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+    cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx, leftpad_k,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-    seqlen_q_pad, seqlen_k_pad, group_size, qk_scale, softcap_scale, window_left, window_right,
+    stride_o_split, stride_ob, stride_os, stride_oh, stride_l_split, stride_lb, stride_ls, stride_lh, stride_ptb,
+    seqlen_q_pad, seqlen_k_pad, group_size, num_splits, page_size, num_kv_rows,
+    qk_scale, softcap_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr,
     HAS_SEQUSED_Q: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
+    PAGED_KV: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    IS_SPLIT: tl.constexpr, PACK_GQA: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Axis 0: (query tile, split); axis 1: query head (kv head with PACK_GQA); axis 2: sequence.
+    if IS_SPLIT:
+        pid_m = tl.program_id(0) // num_splits
+        split = tl.program_id(0) % num_splits
+        split64 = split.to(tl.int64)
+    else:
+        pid_m = tl.program_id(0)
+        split64 = 0
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, q_cap, seqlen_q = _seq_info(b, cu_seqlens_q, seqused_q, seqlen_q_pad, IS_VARLEN_Q, HAS_SEQUSED_Q)
     m_start = pid_m * BLOCK_M
-    if m_start >= q_cap:
+    # With PACK_GQA, tile row r is query r // group_size of head hk * group_size + r % group_size.
+    if PACK_GQA:
+        rows_cap = q_cap * group_size
+    else:
+        rows_cap = q_cap
+    if m_start >= rows_cap:
         return
     k_start, k_cap, seqlen_k = _seq_info(b, cu_seqlens_k, seqused_k, seqlen_k_pad, IS_VARLEN_K,
                                          HAS_SEQUSED_K)
+    if HAS_LEFTPAD:
+        # Keys before leftpad[b] do not exist: the sequence starts there.
+        pad = tl.minimum(tl.maximum(tl.load(leftpad_k + b), 0), seqlen_k)
+        k_start += pad
+        seqlen_k -= pad
     off = seqlen_k - seqlen_q
     lo_off = off - window_left
     hi_off = off + window_right
-    lo, mid_lo, mid_hi, hi = _block_range(m_start, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N,
-                                          HAS_LEFT, HAS_RIGHT)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        rows_len = seqlen_q * group_size
+        first = m_start // group_size
+        last = (tl.minimum(m_start + BLOCK_M, rows_len) - 1) // group_size
+        lo, mid_lo, mid_hi, hi = _rows_range(first, last, m_start + BLOCK_M <= rows_len, seqlen_k, lo_off,
+                                             hi_off, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        offs_q = offs_m // group_size
+        heads = (h * group_size + offs_m % group_size).to(tl.int64)  # [BLOCK_M]
+        hk64 = h.to(tl.int64)
+    else:
+        lo, mid_lo, mid_hi, hi = _block_range(m_start, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N,
+                                              HAS_LEFT, HAS_RIGHT)
+        offs_q = offs_m
+        heads = h.to(tl.int64)
+        hk64 = (h // group_size).to(tl.int64)
+    if IS_SPLIT:
+        lo, mid_lo, mid_hi, hi = _split_range(lo, mid_lo, mid_hi, hi, split, num_splits, BLOCK_N)
 
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = (h // group_size).to(tl.int64)
-    q_base = q_ptr + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qs
-    k_base = k_ptr + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_ks
-    v_base = v_ptr + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vs
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    if PAGED_KV:
+        # k/v are (num_pages, page_size, Hk, D): stride_kb is the page stride, the page table maps tokens.
+        k_base = k_ptr + hk64 * stride_kh
+        v_base = v_ptr + hk64 * stride_vh
+        page_row = page_table + b64 * stride_ptb
+        tok0 = k_start
+    else:
+        if HAS_KV_BATCH_IDX:
+            bk64 = tl.minimum(tl.maximum(tl.load(kv_batch_idx + b), 0), num_kv_rows - 1).to(tl.int64)
+        else:
+            bk64 = b64
+        k_base = k_ptr + bk64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_ks
+        v_base = v_ptr + bk64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vs
+        page_row = page_table
+        tok0 = 0
+    q_rows = q_start.to(tl.int64) + offs_q.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
-                mask=(offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    q = tl.load(q_ptr + b64 * stride_qb + (q_rows * stride_qs + heads * stride_qh)[:, None] + offs_d[None, :],
+                mask=(offs_q < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, lo, mid_lo,
-                               offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT,
-                               HAS_SOFTCAP, INPUT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, mid_lo, mid_hi,
-                               offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, False, HAS_LEFT, HAS_RIGHT,
-                               HAS_SOFTCAP, INPUT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, mid_hi, hi,
-                               offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT,
-                               HAS_SOFTCAP, INPUT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kb, stride_ks, stride_vb, stride_vs,
+                               page_row, page_size, num_kv_rows, tok0, lo, mid_lo,
+                               offs_q, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, PAGED_KV, HAS_LEFT,
+                               HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kb, stride_ks, stride_vb, stride_vs,
+                               page_row, page_size, num_kv_rows, tok0, mid_lo, mid_hi,
+                               offs_q, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, False, PAGED_KV, HAS_LEFT,
+                               HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kb, stride_ks, stride_vb, stride_vs,
+                               page_row, page_size, num_kv_rows, tok0, mid_hi, hi,
+                               offs_q, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, PAGED_KV, HAS_LEFT,
+                               HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
 
-    empty = l_i == 0.0  # rows that see no key
-    empty_lse = float("-inf")
+    empty = l_i == 0.0  # rows that see no key (in this split)
+    empty_lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
     if HAS_SINK:
         # The sink is one more logit with no value: it joins the denominator only.
-        sink = tl.load(sink_ptr + h).to(tl.float32)
+        sink = tl.load(sink_ptr + heads).to(tl.float32)
         sink2 = sink * 1.4426950408889634
         m_f = tl.maximum(m_i, sink2)
         l_i = l_i * tl.math.exp2(m_i - m_f) + tl.math.exp2(sink2 - m_f)
         acc = acc * tl.math.exp2(m_i - m_f)[:, None]
         m_i = m_f
-        empty_lse = sink
+        empty_lse = tl.zeros([BLOCK_M], tl.float32) + sink
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, empty_lse, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
 
-    row_ok = offs_m < q_cap
-    o_base = o_ptr + b64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_os
-    tl.store(o_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_dv[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
-    l_base = lse_ptr + b64 * stride_lb + h64 * stride_lh + q_start.to(tl.int64)
-    tl.store(l_base + offs_m, lse, mask=row_ok)
+    # Split programs write fp32 partials (split, b, row, head); the combine kernel merges them.
+    row_ok = offs_q < q_cap
+    o_off = (split64 * stride_o_split + b64 * stride_ob + q_rows * stride_os + heads * stride_oh)  # [BLOCK_M]
+    tl.store(o_ptr + o_off[:, None] + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+    l_off = split64 * stride_l_split + b64 * stride_lb + q_rows * stride_ls + heads * stride_lh
+    tl.store(lse_ptr + l_off, lse, mask=row_ok)
 
 
 def _strides3(x, varlen):
@@ -162,39 +216,77 @@ def softmax_args(softmax_scale, softcap):
 
 
 def attn_fwd(q, k, v, out, lse, *, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
-             max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink):
+             max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink, page_table=None,
+             kv_batch_idx=None, leftpad_k=None, num_splits=1, pack_gqa=False):
     """Launches the forward. Writes ``out`` and ``lse`` in place; inputs are already validated.
 
     ``q`` is (B, Sq, H, D) or packed (Tq, H, D) when ``cu_seqlens_q`` is given (likewise k/v);
-    ``lse`` is (B, H, Sq) or (H, Tq); a window side of None is unbounded.
+    ``lse`` is (B, H, Sq) or (H, Tq); a window side of None is unbounded. With ``page_table``
+    (B, max_pages) k/v are (num_pages, page_size, Hk, D); ``kv_batch_idx`` (B,) picks the k/v row of
+    each sequence, ``leftpad_k`` (B,) its first key. ``num_splits > 1`` splits every query tile's keys
+    over that many programs writing fp32 partials, merged by the combine kernel; ``pack_gqa`` folds the
+    query heads of one kv head into the tile rows.
     """
     varlen_q = cu_seqlens_q is not None
     varlen_k = cu_seqlens_k is not None
+    paged = page_table is not None
     batch = cu_seqlens_q.numel() - 1 if varlen_q else q.shape[0]
     nheads, d = q.shape[-2], q.shape[-1]
     nheads_k, dv = k.shape[-2], v.shape[-1]
     if batch == 0 or max_seqlen_q == 0 or nheads == 0:
         return
-    cfg = pick_attn_fwd_config(q.device, d, dv, q.dtype, window_right is not None)
+    group = nheads // nheads_k
+    rows = max_seqlen_q * (group if pack_gqa else 1)
+    cfg = pick_attn_fwd_config(q.device, d, dv, q.dtype, window_right is not None, rows=rows)
     qk_scale, softcap_scale = softmax_args(softmax_scale, softcap)
     left, right, has_left, has_right = window_args(window_left, window_right)
-    stride_lb, stride_lh = (0, lse.stride(0)) if varlen_q else (lse.stride(0), lse.stride(1))
-    grid = (triton.cdiv(max_seqlen_q, cfg.block_m), nheads, batch)
+    if paged:
+        k_strides = (k.stride(0), k.stride(1), k.stride(2))  # (page, slot, head)
+        v_strides = (v.stride(0), v.stride(1), v.stride(2))
+        seqlen_k_pad, page_size = page_table.shape[1] * k.shape[1], k.shape[1]
+    else:
+        k_strides, v_strides = _strides3(k, varlen_k), _strides3(v, varlen_k)
+        seqlen_k_pad, page_size = (0 if varlen_k else k.shape[1]), 1
+    split = num_splits > 1
+    if split:
+        # Workspace sized by num_splits alone, so a captured CUDA graph stays valid as lengths change.
+        o_dst = q.new_empty((num_splits,) + tuple(out.shape), dtype=torch.float32)
+        l_dst = q.new_empty((num_splits,) + tuple(out.shape[:-1]), dtype=torch.float32)
+        o_strides = (o_dst.stride(0), *_strides3(o_dst[0], varlen_q))
+        l_strides = (l_dst.stride(0), *((0,) + tuple(l_dst.stride()[1:]) if varlen_q else l_dst.stride()[1:]))
+    else:
+        o_dst, l_dst = out, lse
+        o_strides = (0, *_strides3(out, varlen_q))
+        if varlen_q:  # (H, Tq)
+            l_strides = (0, 0, lse.stride(1), lse.stride(0))
+        else:  # (B, H, Sq)
+            l_strides = (0, lse.stride(0), lse.stride(2), lse.stride(1))
+    grid = (triton.cdiv(rows, cfg.block_m) * num_splits, nheads_k if pack_gqa else nheads, batch)
     dummy = q
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, sink if sink is not None else dummy,
+        q, k, v, o_dst, l_dst, sink if sink is not None else dummy,
         cu_seqlens_q if varlen_q else dummy, cu_seqlens_k if varlen_k else dummy,
         seqused_q if seqused_q is not None else dummy, seqused_k if seqused_k is not None else dummy,
-        *_strides3(q, varlen_q), *_strides3(k, varlen_k), *_strides3(v, varlen_k),
-        *_strides3(out, varlen_q), stride_lb, stride_lh,
-        q.shape[1] if not varlen_q else 0, k.shape[1] if not varlen_k else 0,
-        nheads // nheads_k, qk_scale, softcap_scale, left, right,
+        page_table if paged else dummy, kv_batch_idx if kv_batch_idx is not None else dummy,
+        leftpad_k if leftpad_k is not None else dummy,
+        *_strides3(q, varlen_q), *k_strides, *v_strides, *o_strides, *l_strides,
+        page_table.stride(0) if paged else 0,
+        q.shape[1] if not varlen_q else 0, seqlen_k_pad, group, num_splits, page_size, k.shape[0],
+        qk_scale, softcap_scale, left, right,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k,
         HAS_SEQUSED_Q=seqused_q is not None, HAS_SEQUSED_K=seqused_k is not None,
-        HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0, HAS_SINK=sink is not None,
+        PAGED_KV=paged, HAS_KV_BATCH_IDX=kv_batch_idx is not None, HAS_LEFTPAD=leftpad_k is not None,
+        IS_SPLIT=split, PACK_GQA=pack_gqa,
+        HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0, HAS_SINK=sink is not None and not split,
         INPUT_PRECISION=input_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-
+    if split:
+        # Merge as (n, B, S, H, Dv): a packed (Tq, ...) batch is one sequence of Tq rows here.
+        if varlen_q:
+            o_dst, l_dst, out, lse_bsh = o_dst.unsqueeze(1), l_dst.unsqueeze(1), out.unsqueeze(0), lse.t().unsqueeze(0)
+        else:
+            lse_bsh = lse.transpose(1, 2)
+        attn_combine(o_dst, l_dst, out, lse_bsh, sink)

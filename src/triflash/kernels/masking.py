@@ -44,23 +44,34 @@ def _block_range(outer_start, outer_len, inner_len, lo_off, hi_off,
     [mid_lo, mid_hi) without it. Empty when the outer block has no valid row.
     """
     outer_last = tl.minimum(outer_start + BLOCK_OUTER, outer_len) - 1
-    lo = outer_start * 0
+    return _rows_range(outer_start, outer_last, outer_start + BLOCK_OUTER <= outer_len, inner_len, lo_off,
+                       hi_off, BLOCK_INNER, HAS_LO, HAS_HI)
+
+
+@triton.jit
+def _rows_range(first, last, full, inner_len, lo_off, hi_off, BLOCK_INNER: tl.constexpr,
+                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """``_block_range`` for a tile whose valid outer indices are [first, last] (empty if last < first).
+
+    ``full`` says every row of the tile is valid; only then may the range have a mask-free interior.
+    A tile of packed GQA rows (several heads per query index) passes its first and last query index.
+    """
+    lo = first * 0
     hi = lo + inner_len
     if HAS_LO:
-        lo = tl.maximum(lo, outer_start + lo_off)
+        lo = tl.maximum(lo, first + lo_off)
     if HAS_HI:
-        hi = tl.minimum(hi, outer_last + hi_off + 1)
-    # Interior: inner indices that every row of a full outer block sees.
+        hi = tl.minimum(hi, last + hi_off + 1)
+    # Interior: inner indices that every row of a full tile sees.
     full_lo = lo
     full_hi = hi
     if HAS_LO:
-        full_lo = tl.maximum(lo, outer_start + BLOCK_OUTER - 1 + lo_off)
+        full_lo = tl.maximum(lo, last + lo_off)
     if HAS_HI:
-        full_hi = tl.minimum(hi, outer_start + hi_off + 1)
-    if outer_start + BLOCK_OUTER > outer_len:
-        full_hi = full_lo
+        full_hi = tl.minimum(hi, first + hi_off + 1)
+    full_hi = tl.where(full, full_hi, full_lo)
     lo = lo // BLOCK_INNER * BLOCK_INNER
-    hi = tl.where(outer_last < outer_start, lo, tl.maximum(hi, lo))
+    hi = tl.where(last < first, lo, tl.maximum(hi, lo))
     mid_lo = tl.cdiv(full_lo, BLOCK_INNER) * BLOCK_INNER
     mid_hi = tl.maximum(full_hi, 0) // BLOCK_INNER * BLOCK_INNER
     if mid_hi <= mid_lo:
@@ -69,6 +80,46 @@ def _block_range(outer_start, outer_len, inner_len, lo_off, hi_off,
     mid_lo = tl.maximum(tl.minimum(mid_lo, hi), lo)
     mid_hi = tl.maximum(tl.minimum(mid_hi, hi), mid_lo)
     return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _split_range(lo, mid_lo, mid_hi, hi, split, num_splits, BLOCK_INNER: tl.constexpr):
+    """Split ``split`` of ``num_splits`` of a ``_block_range`` result: a contiguous, block-aligned chunk.
+
+    Every split gets ``cdiv(blocks, num_splits)`` blocks (the last ones fewer or none), and the
+    masked edges and interior are intersected with its chunk.
+    """
+    per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_INNER), num_splits) * BLOCK_INNER
+    s_lo = tl.minimum(lo + split * per, hi)
+    s_hi = tl.minimum(s_lo + per, hi)
+    mid_lo = tl.minimum(tl.maximum(mid_lo, s_lo), s_hi)
+    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), s_hi)
+    return s_lo, mid_lo, mid_hi, s_hi
+
+
+@triton.jit
+def _kv_rows(offs_n, n_ok, tok0, page_row_ptr, page_size, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
+             PAGED: tl.constexpr, MASKED: tl.constexpr):
+    """int64 element offsets of key rows ``offs_n`` in k and in v: ``([BLOCK_N], [BLOCK_N])``.
+
+    Dense: row t is at ``t * stride_s`` (the caller's base already points at the sequence). Paged:
+    key ``t = tok0 + offs_n`` lives at ``cache[page_table[t // page_size], t % page_size]``. The page
+    table is read only for keys that exist (``n_ok`` when MASKED), so entries past the sequence's last
+    page are never touched; page ids are clamped to [0, num_pages) so a bad table cannot address
+    memory outside the cache.
+    """
+    if PAGED:
+        tok = tok0 + offs_n
+        if MASKED:
+            page = tl.load(page_row_ptr + tok // page_size, mask=n_ok, other=0)
+        else:
+            page = tl.load(page_row_ptr + tok // page_size)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+        slot = (tok % page_size).to(tl.int64)
+        return page * stride_kp + slot * stride_ks, page * stride_vp + slot * stride_vs
+    else:
+        rows = offs_n.to(tl.int64)
+        return rows * stride_ks, rows * stride_vs
 
 
 @triton.jit
