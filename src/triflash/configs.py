@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 from dataclasses import dataclass
 
@@ -123,12 +122,21 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+_SM_COUNT: dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result
 def sm_count(device) -> int:
-    """Streaming multiprocessors of ``device``; 132 (an H100 SXM) when interpreting or on CPU."""
+    """Streaming multiprocessors of ``device``; 132 (an H100 SXM) when interpreting or on CPU.
+
+    A host-side property (no device sync), read once per device; a constant under torch.compile.
+    """
     if interpreting() or device.type != "cuda":
         return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 def pick_num_splits(device, programs: int, max_seqlen_k: int, block_n: int, max_splits: int = 128) -> int:
