@@ -214,3 +214,37 @@ def test_plot_writes_pngs(tmp_path):
     assert all((tmp_path / "img" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
     assert plot.figure_name(("bwd", 192, 128, False, "fp16", (256, 0), True, 4)) == \
         "bwd_d192-128_noncausal_fp16_w256_0_varlen_gqa4"
+
+
+def test_decode_subcommand_parses():
+    from triflash.bench import decode
+
+    args = cli.parse_args(["decode"])
+    assert args.command == "decode" and args.shapes == list(decode.DEFAULT_SHAPES)
+    assert args.page_sizes == [0, 16, 64] and args.num_splits == [0] and not args.eager
+    args = cli.parse_args(["decode", "--shapes", "1x64k,16x8192", "--page-sizes", "0,1", "--num-splits", "0,4",
+                           "--eager", "--providers", "triflash"])
+    assert args.shapes == [(1, 65536), (16, 8192)] and args.page_sizes == [0, 1] and args.num_splits == [0, 4]
+    with pytest.raises(argparse.ArgumentTypeError):
+        decode.parse_shapes("16-8192")
+
+
+def test_decode_bytes_pages_and_table():
+    from triflash.bench import decode
+
+    assert decode.kv_bytes(1, 65536, 8, 128) == 2 * 65536 * 8 * 128 * 2
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 37, 2, 8), torch.randn(2, 37, 2, 8)
+    kp, vp, table = decode.to_paged(k, v, 16, gen)
+    assert kp.shape == (6, 16, 2, 8) and table.shape == (2, 3) and table.dtype == torch.int32
+    for x, pages in ((k, kp), (v, vp)):
+        gathered = pages[table.long()].flatten(1, 2)[:, :37]
+        assert torch.equal(gathered, x)
+    args = argparse.Namespace(page_sizes=[0, 16], num_splits=[0, 4])
+    cols = decode.columns(args, ["triflash", "cudnn"])
+    assert cols == [("triflash", 0, 0), ("triflash", 0, 4), ("triflash", 16, 0), ("triflash", 16, 4),
+                    ("cudnn", 0, None)]
+    assert [decode.label(*c) for c in cols] == ["tf-contig", "tf-contig-s4", "tf-paged16", "tf-paged16-s4", "cuDNN"]
+    rows = [{"B": 1, "Sk": 8, "provider": p, "page_size": ps, "num_splits": n, "tbps": t, "note": None}
+            for (p, ps, n), t in zip(cols, [1.0, 2.0, 3.0, 4.0, 2.0])]
+    decode.print_tables(rows, cols)

@@ -375,3 +375,13 @@ def test_kvcache_cuda_graph(paged, device):
         want = step(kc_eager, vc_eager)
         assert torch.equal(got, want), f"replay {trial}"
         assert torch.equal(k_cache, kc_eager) and torch.equal(v_cache, vc_eager), f"replay {trial}"
+
+
+def test_bench_decode_check(device):
+    """``triflash-bench decode``'s correctness gate (contiguous and paged, auto and fixed splits)."""
+    import argparse
+
+    from triflash.bench import decode
+
+    args = argparse.Namespace(nheads=8, nheads_k=2, headdim=32, page_sizes=[0, 3], num_splits=[0, 2])
+    assert decode.check(args, device, torch.float16)

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from triflash.bench import tune
+from triflash.bench import decode, tune
 
 SWEEP_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 SWEEP_HEADDIMS = ((64, 64), (128, 128), (256, 256))
@@ -787,6 +787,8 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[
     "run": (_add_run_args, cmd_run, "check triflash, then time it against its peers (the default)"),
     "plot": (_add_plot_args, cmd_plot, "draw TFLOP/s vs sequence length from a results JSONL file"),
     "tune": (tune.add_args, tune.cmd_tune, "search tile configs on the GPU and print the rows for configs.py"),
+    "decode": (decode.add_args, decode.cmd_decode,
+               "time a flash_attn_with_kvcache decode step (contiguous and paged) against SDPA cuDNN"),
 }
 
 
