@@ -32,8 +32,7 @@ def ptxas_report(ptx):
 def compile_config(head_dim, cfg):
     kernel = fwd_hopper._attn_fwd_tma_kernel
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_SINK=False,
-                  WARP_SPECIALIZE=cfg.warp_specialize)
+                  HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_SINK=False)
     sig = {"desc_q": f"tensordesc<bf16[{cfg.block_m},{head_dim}]>",
            "desc_k": f"tensordesc<bf16[{cfg.block_n},{head_dim}]>",
            "desc_v": f"tensordesc<bf16[{cfg.block_n},{head_dim}]>",
@@ -45,9 +44,8 @@ def compile_config(head_dim, cfg):
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     ptx = compiled.asm["ptx"]
     report = ptxas_report(ptx)
-    return dict(head_dim=head_dim, warp_specialize=cfg.warp_specialize, num_warps=cfg.num_warps,
-                compiled_warps=compiled.metadata.num_warps, wgmma="wgmma.mma_async" in ptx,
-                tma="cp.async.bulk.tensor" in ptx, setmaxnreg="setmaxnreg" in ptx,
+    return dict(head_dim=head_dim, num_warps=cfg.num_warps, wgmma="wgmma.mma_async" in ptx,
+                tma="cp.async.bulk.tensor" in ptx,
                 spill_stores=[int(n) for n in re.findall(r"(\d+) bytes spill stores", report)])
 
 

@@ -171,17 +171,15 @@ class AttnFwdHopperConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    warp_specialize: bool
 
 
-# Hopper forward (kernels/fwd_hopper.py), keyed by max(D, Dv). Candidates are limited to those whose
-# sm_90 build does not spill (tests/sm90_compile.py; checked in CI). First rows, before timing on the
-# device: warp-specialized at 4 warps (FACTS.md measured that shape fastest for a Triton forward on
-# H100); D=256 without warp specialization (every specialized D=256 build spills).
+# Hopper forward (kernels/fwd_hopper.py), keyed by max(D, Dv). Rows: configs whose sm_90 build has
+# wgmma, TMA and no spills (tests/sm90_compile.py, CI) and that ran correctly on an H100 80GB,
+# 2026-11-24 (scripts/hopper_diag.py); not yet timed against each other.
 _FWD_HOPPER_TABLE = [
-    (64, AttnFwdHopperConfig(128, 128, 4, 2, True)),
-    (128, AttnFwdHopperConfig(128, 64, 4, 3, True)),
-    (256, AttnFwdHopperConfig(128, 64, 8, 2, False)),
+    (64, AttnFwdHopperConfig(128, 128, 8, 2)),
+    (128, AttnFwdHopperConfig(128, 128, 8, 2)),
+    (256, AttnFwdHopperConfig(128, 64, 8, 2)),
 ]
 
 

@@ -1,18 +1,17 @@
-"""Hopper (sm_90) forward: TMA tensor descriptors and Triton's warp specialization.
+"""Hopper (sm_90) forward: Q, K and V through TMA tensor descriptors.
 
 Same math and visibility rule as ``fwd.py`` (``_block_range`` and the helpers of ``softmax.py``), for
 dense batches whose head dims are powers of two and whose heads are packed (``stride(H) == D``,
 ``stride(B) == S * stride(S)``: contiguous tensors and views of a packed qkv). Q, K and V move
-through 2-D tensor descriptors over ``(B * S, H * D)`` views; a tile that runs past a sequence's end
-reads the next sequence's rows, so masked tiles zero those scores and V rows (a NaN there cannot
-leak) and the output is stored with a row mask.
+through 2-D tensor descriptors over ``(B * S, H * D)`` views (the copy engine, no address math in the
+loop); a tile that runs past a sequence's end reads the next sequence's rows, so the masked edges zero
+those scores and V rows (a NaN there cannot leak) and the output is stored with a row mask.
 
-Two loop shapes, chosen per config: without warp specialization, masked edges around a mask-free
-interior (as in ``fwd.py``); with it, one ``tl.range(..., warp_specialize=True)`` loop over the whole
-visible range with the mask on every tile (Triton 3.6's Hopper pass accepts one specialized loop),
-split into a producer warp issuing TMA loads and two consumer warpgroups doing the GEMMs and the
-softmax. The launcher turns this path off under the interpreter and whenever an input does not fit
-(then ``fwd.attn_fwd`` runs); ``TRIFLASH_HOPPER=0`` turns it off entirely.
+Not here (docs/performance.md): Triton 3.6's Hopper warp specialization (``tl.range(...,
+warp_specialize=True)``) compiles this kernel with a single loop, but the builds faulted (illegal
+memory access, D=64) or hung (D=128) on an H100, 2026-11-24. The launcher turns this path off under
+the interpreter and whenever an input does not fit (then ``fwd.attn_fwd`` runs);
+``TRIFLASH_HOPPER=0`` turns it off entirely.
 """
 
 import os
@@ -32,8 +31,8 @@ def _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_col, start
                    qk_scale, softcap_scale, lo_off, hi_off,
                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    for start in tl.range(start_n, end_n, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+                   HAS_SOFTCAP: tl.constexpr):
+    for start in tl.range(start_n, end_n, BLOCK_N):
         k = desc_k.load([k_row0 + start, k_col])  # [BLOCK_N, HEAD_DIM]
         s, _ = _scores_log2(tl.dot(q, tl.trans(k)), qk_scale, softcap_scale, HAS_SOFTCAP)
         v = desc_v.load([k_row0 + start, v_col])  # [BLOCK_N, HEAD_DIM_V]
@@ -55,7 +54,6 @@ def _attn_fwd_tma_kernel(
     window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -75,21 +73,15 @@ def _attn_fwd_tma_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
-    if WARP_SPECIALIZE:
-        # Triton's Hopper warp specialization takes one loop: mask every tile of the visible range.
-        acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_col, lo, hi, offs_m,
-                                       seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N,
-                                       HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, True)
-    else:
-        acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_col, lo, mid_lo, offs_m,
-                                       seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N,
-                                       HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, False)
-        acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_col, mid_lo, mid_hi, offs_m,
-                                       seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N,
-                                       HEAD_DIM, HEAD_DIM_V, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, False)
-        acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_col, mid_hi, hi, offs_m,
-                                       seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N,
-                                       HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, False)
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_col, lo, mid_lo, offs_m,
+                                   seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N,
+                                   HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_col, mid_lo, mid_hi, offs_m,
+                                   seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N,
+                                   HEAD_DIM, HEAD_DIM_V, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_col, mid_hi, hi, offs_m,
+                                   seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N,
+                                   HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
     out, lse = _softmax_finish(acc, l_i, m_i, sink_ptr, h, HAS_SINK)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -146,5 +138,5 @@ def attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, window_left, window_rig
         nheads // nheads_k, qk_scale, softcap_scale, left, right,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0, HAS_SINK=sink is not None,
-        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
