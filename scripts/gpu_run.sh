@@ -19,7 +19,7 @@ for stage in "${stages[@]}"; do
   t0=$SECONDS
   case "$stage" in
     tests)
-      timeout 300 python3 -m pytest tests -q -n 6 -p no:cacheprovider -m "gpu or not gpu" \
+      timeout 300 python3 -m pytest tests -q -n 6 --dist loadgroup --maxfail=20 -p no:cacheprovider -m "gpu or not gpu" \
         --durations=10 > "$OUT/tests.log" 2>&1; rc=$? ;;
     sanitize)
       rc=0

@@ -99,6 +99,7 @@ def test_noncontiguous(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("bigmem")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", [

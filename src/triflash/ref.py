@@ -90,19 +90,22 @@ def _unpack(x, cu_seqlens, max_seqlen):
     pos = torch.arange(max_seqlen, device=x.device)
     valid = pos.view(1, -1) < lens.view(-1, 1)
     idx = (starts.view(-1, 1) + pos.view(1, -1)).clamp(max=max(x.shape[0] - 1, 0))
-    if x.shape[0] == 0:
-        return x.new_zeros((bsz, max_seqlen) + tuple(x.shape[1:])), lens
+    if x.shape[0] == 0:  # nothing to gather; stay connected to x so autograd sees the dependency
+        return x.new_zeros((bsz, max_seqlen) + tuple(x.shape[1:])) + x.sum() * 0, lens
     dense = x[idx.view(-1)].view(bsz, max_seqlen, *x.shape[1:])
     return dense * valid.view(bsz, max_seqlen, *([1] * (x.dim() - 1))).to(dense.dtype), lens
 
 
 def _pack(dense, cu_seqlens, total):
-    bsz = dense.shape[0]
-    out = dense.new_zeros((total,) + tuple(dense.shape[2:]))
-    for b in range(bsz):
-        start, end = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
-        out[start:end] = dense[b, : end - start]
-    return out
+    """(B, S, ...) padded -> (total, ...) packed by cu_seqlens (a differentiable gather)."""
+    tokens = torch.arange(total, device=dense.device)
+    cu = cu_seqlens.to(dense.device).long()
+    seq = (torch.searchsorted(cu[1:], tokens, right=True)).clamp(max=max(dense.shape[0] - 1, 0))
+    pos = (tokens - cu[seq]).clamp(0, max(dense.shape[1] - 1, 0))
+    inside = (tokens < cu[-1]).view(-1, *([1] * (dense.dim() - 2)))
+    if dense.shape[0] == 0 or dense.shape[1] == 0:
+        return dense.new_zeros((total,) + tuple(dense.shape[2:])) + dense.sum() * 0
+    return dense[seq, pos] * inside.to(dense.dtype)
 
 
 def _gather_pages(cache, page_table, seqlen_k):
