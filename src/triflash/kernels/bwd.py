@@ -15,7 +15,8 @@ import triton.language as tl
 
 from ..configs import pick_attn_bwd_config
 from .fwd import _pow2, _strides3, input_precision, softmax_args, window_args
-from .masking import _block_range, _load_tile, _score_mask, _seq_info, _tanh
+from .masking import _block_range, _load_tile, _score_mask, _seq_info
+from .softmax import _scores_log2
 
 
 @triton.jit
@@ -50,18 +51,6 @@ def _attn_bwd_preprocess_kernel(
         lse = tl.load(lse_ptr + l_off, mask=row_ok, other=0.0)
         p_sink = tl.exp(tl.load(sink_ptr + h).to(tl.float32) - lse)
         tl.store(dsink_rows_ptr + l_off, -p_sink * delta, mask=row_ok)
-
-
-@triton.jit
-def _scores_log2(qk, qk_scale, softcap_scale, HAS_SOFTCAP: tl.constexpr):
-    """Raw dot products -> scores in log2 units, and tanh's value for the softcap chain rule."""
-    if HAS_SOFTCAP:
-        t = _tanh(qk * softcap_scale)
-        s = t * qk_scale
-    else:
-        t = qk
-        s = qk * qk_scale
-    return s, t
 
 
 @triton.jit
