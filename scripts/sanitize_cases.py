@@ -1,16 +1,24 @@
 """Kernel variants run under compute-sanitizer by scripts/gpu_run.sh (memcheck, racecheck, initcheck).
 
 Small shapes, every path: dense/varlen/seqused, GQA, causal/window, softcap, sink, padded head dims,
-fp16/bf16, empty sequences; forward and backward, each checked against attention_ref.
+fp16/bf16, empty sequences, forward and backward; the Hopper (TMA) forward; paged KV, split-KV and
+the combine kernel, pack_gqa, and the KV-cache append with rotary. Each is checked against
+attention_ref.
 """
+
+import os
 
 import torch
 
-from triflash import attention_ref, flash_attn_func, flash_attn_varlen_func
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu":  # a logic check of this script through Triton's interpreter (no sanitizer there)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from triflash import attention_ref, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
 
 
 def rnd(*shape, dtype):
-    return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
+    return torch.randn(*shape, device=DEV, dtype=dtype, requires_grad=True)
 
 
 def dense(dtype, sq, sk, h, hk, d, dv, **kw):
@@ -23,8 +31,8 @@ def dense(dtype, sq, sk, h, hk, d, dv, **kw):
 
 def varlen(dtype, d):
     lens = [0, 37, 128, 5]
-    cu = torch.tensor([0, 0, 37, 165, 170], dtype=torch.int32, device="cuda")
-    used = torch.tensor([0, 30, 128, 5], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, 0, 37, 165, 170], dtype=torch.int32, device=DEV)
+    used = torch.tensor([0, 30, 128, 5], dtype=torch.int32, device=DEV)
     q, k, v = (rnd(170, 4, d, dtype=dtype) for _ in range(3))
     out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), seqused_k=used, causal=True)
     out.float().sum().backward()
@@ -32,17 +40,50 @@ def varlen(dtype, d):
     return (out.float() - ref).abs().max().item()
 
 
+def paged(dtype, page_size, num_splits):
+    b, hk, h, d = 3, 2, 8, 128
+    lens = torch.tensor([1, 300, 77], dtype=torch.int32, device=DEV)
+    max_pages = (300 + page_size - 1) // page_size
+    num_pages = b * max_pages + 5
+    k_cache = torch.randn(num_pages, page_size, hk, d, device=DEV, dtype=dtype)
+    v_cache = torch.randn(num_pages, page_size, hk, d, device=DEV, dtype=dtype)
+    table = torch.randperm(num_pages, device=DEV)[: b * max_pages].view(b, max_pages).int()
+    q = torch.randn(b, 4, h, d, device=DEV, dtype=dtype)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, page_table=table, causal=True,
+                                  num_splits=num_splits)
+    ref, _ = attention_ref(q, k_cache, v_cache, seqused_k=lens, page_table=table, causal=True)
+    return (out.float() - ref).abs().max().item()
+
+
+def kvcache_append(dtype):
+    b, s_cache, hk, h, d, rot = 2, 200, 2, 4, 64, 32
+    k_cache = torch.randn(b, s_cache, hk, d, device=DEV, dtype=dtype)
+    v_cache = torch.randn(b, s_cache, hk, d, device=DEV, dtype=dtype)
+    lens = torch.tensor([10, 150], dtype=torch.int32, device=DEV)
+    q = torch.randn(b, 3, h, d, device=DEV, dtype=dtype)
+    k, v = (torch.randn(b, 3, hk, d, device=DEV, dtype=dtype) for _ in range(2))
+    cos, sin = torch.rand(s_cache, rot // 2, device=DEV), torch.rand(s_cache, rot // 2, device=DEV)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, rotary_cos=cos.to(dtype),
+                                  rotary_sin=sin.to(dtype), causal=True, num_splits=3)
+    return 0.0 if torch.isfinite(out).all() else float("nan")
+
+
 def main():
     errs = []
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (torch.float16, torch.bfloat16) if DEV == "cuda" else (torch.float16,):
         errs.append(dense(dtype, 200, 300, 4, 2, 64, 64, causal=True))
         errs.append(dense(dtype, 129, 77, 6, 1, 96, 96, window_size=(20, 5), softcap=5.0))
-        sink = torch.randn(4, device="cuda", requires_grad=True)
+        sink = torch.randn(4, device=DEV, requires_grad=True)
         errs.append(dense(dtype, 65, 130, 4, 4, 128, 128, learnable_sink=sink))
         errs.append(dense(dtype, 70, 70, 2, 2, 256, 256, causal=True))
         errs.append(dense(dtype, 1, 513, 8, 2, 128, 64))
         errs.append(varlen(dtype, 64))
-    torch.cuda.synchronize()
+        errs.append(dense(dtype, 300, 300, 4, 2, 128, 128, causal=True))  # Hopper TMA path when sm_90
+        for page_size, splits in ((1, 1), (16, 3), (64, 0)):
+            errs.append(paged(dtype, page_size, splits))
+        errs.append(kvcache_append(dtype))
+    if DEV == "cuda":
+        torch.cuda.synchronize()
     bad = [e for e in errs if not e < 0.05]
     print(f"{len(errs) - len(bad)}/{len(errs)} sanitizer cases passed (max err {max(errs):.2e})")
     raise SystemExit(1 if bad else 0)
