@@ -185,3 +185,67 @@ def not_built(**kwargs):
         if given:
             raise NotImplementedError(f"{name}: this feature is not implemented in triflash yet "
                                       f"(see the feature table in README.md)")
+
+
+def debug_enabled() -> bool:
+    """TRIFLASH_DEBUG=1: also run the checks that need a device sync (off by default)."""
+    return os.environ.get("TRIFLASH_DEBUG", "0") == "1"
+
+
+def _host(x):
+    return x.detach().to("cpu", torch.int64)
+
+
+def debug_check_lengths(name, cu_seqlens, seqused, max_seqlen, tokens, padded_len):
+    """cu_seqlens starts at 0, never decreases and stays within the tensor; seqused within capacity;
+    max_seqlen at least every real length. Reads the index tensors back to the host (a sync)."""
+    if cu_seqlens is not None:
+        cu = _host(cu_seqlens)
+        if cu.numel() and int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens_{name}: expected to start at 0, got {int(cu[0])}")
+        if (cu[1:] < cu[:-1]).any():
+            raise ValueError(f"cu_seqlens_{name}: expected non-decreasing prefix sums, got {cu.tolist()[:16]}")
+        if cu.numel() and int(cu[-1]) > tokens:
+            raise ValueError(f"cu_seqlens_{name}: the last entry {int(cu[-1])} exceeds the {tokens} tokens of "
+                             f"the packed tensor")
+        capacity = cu[1:] - cu[:-1]
+    else:
+        capacity = None
+    lengths = capacity
+    if seqused is not None:
+        used = _host(seqused)
+        limit = capacity if capacity is not None else torch.full_like(used, padded_len)
+        bad = (used < 0) | (used > limit)
+        if bad.any():
+            b = int(bad.nonzero()[0])
+            raise ValueError(f"seqused_{name}: entry {b} is {int(used[b])}, expected within [0, {int(limit[b])}]")
+        lengths = used
+    if lengths is not None and lengths.numel() and max_seqlen is not None and int(lengths.max()) > max_seqlen:
+        raise ValueError(f"max_seqlen_{name}: expected at least the longest sequence ({int(lengths.max())}), "
+                         f"got {max_seqlen}")
+
+
+def debug_check_pages(page_table, seqlens_k, num_pages, page_size):
+    """Every page-table entry a sequence uses (its first ceil(len / page_size)) is a valid page index."""
+    table = _host(page_table)
+    used = (_host(seqlens_k) + page_size - 1) // page_size
+    if (used > table.shape[1]).any():
+        b = int((used > table.shape[1]).nonzero()[0])
+        raise ValueError(f"page_table: sequence {b} needs {int(used[b])} pages, the table has {table.shape[1]}")
+    cols = torch.arange(table.shape[1]).view(1, -1)
+    live = cols < used.view(-1, 1)
+    bad = live & ((table < 0) | (table >= num_pages))
+    if bad.any():
+        b, p = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"page_table: entry [{b}, {p}] = {int(table[b, p])} is not a page index in "
+                         f"[0, {num_pages})")
+
+
+def debug_check_range(name, x, low, high):
+    """Every entry of an int tensor lies in [low, high] (high may be a tensor of per-row bounds)."""
+    vals = _host(x)
+    high_t = _host(high) if isinstance(high, torch.Tensor) else torch.full_like(vals, high)
+    bad = (vals < low) | (vals > high_t)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{name}: entry {i} is {int(vals[i])}, expected within [{low}, {int(high_t[i])}]")
