@@ -365,8 +365,9 @@ def test_kvcache_cuda_graph(paged, device):
     for trial in range(3):
         new_lens = torch.randint(0, cap - 1, (b,), device=device, generator=gen).to(torch.int32)
         lens.copy_(new_lens)
-        table.copy_(torch.randperm(k_cache.shape[0], device=device, generator=gen)[:table.numel()]
-                    .view_as(table).to(torch.int32))
+        if paged:
+            table.copy_(torch.randperm(k_cache.shape[0], device=device, generator=gen)[:table.numel()]
+                        .view_as(table).to(torch.int32))
         q.copy_(randn(b, 1, h, d))
         k.copy_(randn(b, 1, hk, d))
         kc_eager, vc_eager = k_cache.clone(), v_cache.clone()

@@ -157,13 +157,13 @@ def test_paged_misuse(case, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 3, 16, 64, 128, 256])
-@pytest.mark.parametrize("h,hk,sq", [(32, 8, 1), (8, 1, 16), (32, 8, 7)],
-                         ids=["gqa32-8-sq1", "gqa8-1-sq16", "gqa32-8-sq7"])
-def test_paged_gpu(page_size, h, hk, sq, device):
+@pytest.mark.parametrize("h,hk,sq,lens", [(32, 8, 1, [131072]), (8, 1, 16, [131072, 3001]),
+                                         (32, 8, 7, [20000, 3001, 1])],
+                         ids=["gqa32-8-sq1-128k", "gqa8-1-sq16-128k", "gqa32-8-sq7"])
+def test_paged_gpu(page_size, h, hk, sq, lens, device):
     """Sk up to 128k; num_splits 1, 3 and auto each within SPEC §6 of the reference."""
-    lens = [131072, 3001]
     k, v, table, used = make_paged_kv(lens, page_size, hk, 128, 128, torch.bfloat16, device, seed=page_size)
-    q = make_q(sq, h, 128, torch.bfloat16, device, seed=page_size)[0][:2]
+    q = make_q(sq, h, 128, torch.bfloat16, device, seed=page_size)[0][:len(lens)]
     ref_kwargs = dict(seqused_k=used, page_table=table, causal=True)
     ref = attention_ref(q.float(), k.float(), v.float(), **ref_kwargs)
     pt = attention_ref(q, k, v, **ref_kwargs, upcast=False, reorder_ops=True)

@@ -68,12 +68,16 @@ _BWD_FALLBACK = [(64, AttnBwdConfig(32, 32, 4, 1)), (128, AttnBwdConfig(32, 32, 
 
 
 # Decode (at most _DECODE_MAX_ROWS query rows per program, e.g. Sq=1 with pack_gqa): the tile's rows
-# shrink to the problem (>= 16 for tl.dot), the key blocks stay long. Untuned first guess (2026-11-25,
-# by reasoning: K+V stages of 64-128 keys leave room for 2+ programs per SM); `triflash-bench decode`
-# measures it.
+# shrink to the problem (>= 16 for tl.dot), the key blocks stay long. D<=128 row: H100 80GB HBM3,
+# 2026-11-24, CUDA-graph replays of flash_attn_with_kvcache forced through use_configs (block_n 32..256,
+# 4/8 warps, 2..4 stages; H=32 Hk=8 D=128 bf16, (B, Sk) = (1, 64k), (16, 8k), (64, 8k), contiguous and
+# 16-token pages): block_n 128, 4 warps, 2 stages was within 5% of the best at (1, 64k) and (64, 8k)
+# paged; then `triflash-bench decode` (num_splits auto, TB/s over K+V, contiguous / paged16 / paged64 /
+# cuDNN): (1, 64k) 2.43/2.30/2.30/2.84, (16, 8k) 2.77/2.45/2.48/3.01, (64, 8k) 2.81/3.00/3.02/3.09,
+# (128, 4k) 3.06/2.99/3.02/3.08 (block_n 64 had paged (64, 8k) at 2.41). Other rows: untimed guesses.
 _DECODE_MAX_ROWS = 64
-_DECODE_FWD = [(64, AttnFwdConfig(64, 128, 4, 3)), (128, AttnFwdConfig(64, 64, 4, 3)),
-               (256, AttnFwdConfig(64, 32, 4, 3)), (512, AttnFwdConfig(32, 32, 4, 2))]
+_DECODE_FWD = [(64, AttnFwdConfig(64, 128, 4, 3)), (128, AttnFwdConfig(64, 128, 4, 2)),
+               (256, AttnFwdConfig(64, 64, 4, 2)), (512, AttnFwdConfig(32, 32, 4, 2))]
 # num_splits=0: programs per SM to aim for, and the fewest key blocks a split may get.
 _SPLIT_WAVES = 2
 _SPLIT_MIN_BLOCKS = 4
