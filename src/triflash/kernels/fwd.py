@@ -11,7 +11,8 @@ import triton.language as tl
 
 from ..configs import pick_attn_fwd_config
 from .combine import attn_combine
-from .masking import _block_range, _kv_rows, _load_tile, _rows_range, _score_mask, _seq_info, _split_range, _tanh
+from .masking import _block_range, _kv_rows, _load_tile, _rows_range, _score_mask, _seq_info, _split_range
+from .softmax import _online_softmax, _scores_log2, _softmax_finish
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -35,25 +36,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kp, stride_ks, stride_vp
                                   stride_vp, stride_vs, PAGED_KV, MASKED)
         kt = _load_tile(k_base + k_rows[None, :] + offs_d[:, None],
                         n_ok[None, :], d_ok[:, None], MASKED, PAD_D)  # [BLOCK_D, BLOCK_N]
-        qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if HAS_SOFTCAP:
-            qk = _tanh(qk * softcap_scale) * qk_scale
-        else:
-            qk = qk * qk_scale
+        s, _ = _scores_log2(tl.dot(q, kt, input_precision=INPUT_PRECISION), qk_scale, softcap_scale,
+                            HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
         if MASKED:
             visible = _score_mask(offs_q, offs_n, seqlen_q, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
-            qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+            s = tl.where(visible, s, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, MASKED)
         v = _load_tile(v_base + v_rows[:, None] + offs_dv[None, :],
                        n_ok[:, None], dv_ok[None, :], MASKED, PAD_DV)  # [BLOCK_N, BLOCK_DV]
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -163,20 +155,7 @@ def _attn_fwd_kernel(
                                lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, PAGED_KV, HAS_LEFT,
                                HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
 
-    empty = l_i == 0.0  # rows that see no key (in this split)
-    empty_lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    if HAS_SINK:
-        # The sink is one more logit with no value: it joins the denominator only.
-        sink = tl.load(sink_ptr + heads).to(tl.float32)
-        sink2 = sink * 1.4426950408889634
-        m_f = tl.maximum(m_i, sink2)
-        l_i = l_i * tl.math.exp2(m_i - m_f) + tl.math.exp2(sink2 - m_f)
-        acc = acc * tl.math.exp2(m_i - m_f)[:, None]
-        m_i = m_f
-        empty_lse = tl.zeros([BLOCK_M], tl.float32) + sink
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, empty_lse, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    out, lse = _softmax_finish(acc, l_i, m_i, sink_ptr, heads, HAS_SINK)  # per split when splitting
 
     # Split programs write fp32 partials (split, b, row, head); the combine kernel merges them.
     row_ok = offs_q < q_cap
