@@ -153,12 +153,26 @@ MISUSE = {
 }
 
 
+@pytest.fixture
+def no_kernel_launch(monkeypatch):
+    """Any Triton kernel launch inside the test body fails the test."""
+    from triton.runtime import interpreter, jit
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(jit.JITFunction, "run", launched)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", launched)
+    return monkeypatch
+
+
 @pytest.mark.parametrize("case", list(MISUSE))
-def test_misuse_raises_before_launch(case, device):
+def test_misuse_raises_before_launch(case, device, no_kernel_launch):
     q, k, v = _qkv(device)
     fn, exc, word = MISUSE[case]
     with pytest.raises(exc, match=word):
         fn(q, k, v)
+    no_kernel_launch.undo()
     # The process and a correct call afterwards are unaffected.
     out = flash_attn_func(q, k, v)
     ref, _ = attention_ref(q, k, v)

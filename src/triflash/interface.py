@@ -233,6 +233,12 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     if k_capacity is not None and max_seqlen_k > k_capacity:
         what = "max_pages * page_size" if paged else "the padded length"
         raise ValueError(f"max_seqlen_k: expected at most {what} {k_capacity}, got {max_seqlen_k}")
+    if checks.debug_enabled():
+        checks.debug_check_lengths("q", cu_seqlens_q, seqused_q, max_seqlen_q, q.shape[0], q.shape[1])
+        checks.debug_check_lengths("k", cu_seqlens_k, seqused_k, max_seqlen_k, k.shape[0], k_capacity)
+        if paged:
+            lens_k = seqused_k if seqused_k is not None else torch.full((batch,), k_capacity, dtype=torch.int32)
+            checks.debug_check_pages(page_table, lens_k, k.shape[0], k.shape[1])
     if not varlen_q:
         max_seqlen_q = q.shape[1]  # the grid covers every padded row: rows past seqused are written as 0
     _check_sink_out(learnable_sink, out, q, nheads, dv)
@@ -528,7 +534,27 @@ def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table, cach
         if rotary_cos.shape[0] < capacity:
             raise ValueError(f"rotary_cos: expected at least the cache capacity {capacity} positions, got "
                              f"{rotary_cos.shape[0]}")
+    if checks.debug_enabled():
+        _debug_check_kvcache(q, k_cache, k, cache_seqlens, page_table, cache_batch_idx, cache_leftpad, cu_seqlens_q,
+                             max_seqlen_q, capacity, batch)
     return batch, max_seqlen_q, capacity
+
+
+def _debug_check_kvcache(q, k_cache, k, cache_seqlens, page_table, cache_batch_idx, cache_leftpad, cu_seqlens_q,
+                         max_seqlen_q, capacity, batch):
+    """TRIFLASH_DEBUG=1: the KV-cache checks that read index tensors back to the host."""
+    new = k.shape[1] if k is not None else 0
+    lens = cache_seqlens
+    if not isinstance(lens, torch.Tensor):
+        lens = torch.full((batch,), lens if lens is not None else capacity, dtype=torch.int32)
+    checks.debug_check_range("cache_seqlens", lens, 0, capacity - new)
+    checks.debug_check_lengths("q", cu_seqlens_q, None, max_seqlen_q, q.shape[0], q.shape[1])
+    if cache_batch_idx is not None:
+        checks.debug_check_range("cache_batch_idx", cache_batch_idx, 0, k_cache.shape[0] - 1)
+    if cache_leftpad is not None:
+        checks.debug_check_range("cache_leftpad", cache_leftpad, 0, lens.to(cache_leftpad.device) + new)
+    if page_table is not None:
+        checks.debug_check_pages(page_table, lens.to(page_table.device) + new, k_cache.shape[0], k_cache.shape[1])
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, page_table=None,
