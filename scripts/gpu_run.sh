@@ -19,7 +19,7 @@ for stage in "${stages[@]}"; do
   t0=$SECONDS
   case "$stage" in
     tests)
-      timeout 300 python3 -m pytest tests -q -n 6 --dist loadgroup --maxfail=20 -p no:cacheprovider -m "gpu or not gpu" \
+      timeout 300 python3 -m pytest tests -q -n 4 --dist loadgroup --maxfail=20 -p no:cacheprovider -m "gpu or not gpu" \
         --durations=10 > "$OUT/tests.log" 2>&1; rc=$? ;;
     sanitize)
       rc=0
@@ -34,6 +34,11 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 -m triflash.bench.cli run --quick --out "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1; rc=$? ;;
     bench)
       timeout 420 python3 -m triflash.bench.cli run --out "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1; rc=$? ;;
+    bench-portable)  # the forward with the Hopper path off, to measure what it gains
+      TRIFLASH_HOPPER=0 timeout 200 python3 -m triflash.bench.cli run --mode fwd --providers triflash \
+        --out "$OUT/bench_portable.jsonl" > "$OUT/bench_portable.log" 2>&1; rc=$? ;;
+    decode)
+      timeout 200 python3 -m triflash.bench.cli decode --out "$OUT/decode.jsonl" > "$OUT/decode.log" 2>&1; rc=$? ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
   status+=("$stage rc=$rc $((SECONDS - t0))s")
@@ -44,4 +49,6 @@ echo "---- tails"
 [ -f "$OUT/sanitize.log" ] && grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|cases passed" "$OUT/sanitize.log"
 [ -f "$OUT/tune.log" ] && grep -vE "^\s*(skip|tuning)" "$OUT/tune.log" | tail -n 20
 [ -f "$OUT/bench.jsonl" ] && python3 scripts/summarize.py "$OUT/bench.jsonl"
+[ -f "$OUT/bench_portable.jsonl" ] && python3 scripts/summarize.py "$OUT/bench_portable.jsonl"
+[ -f "$OUT/decode.log" ] && tail -n 12 "$OUT/decode.log"
 printf '%s\n' "${status[@]}"
