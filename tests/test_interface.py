@@ -182,7 +182,7 @@ def test_misuse_raises_before_launch(case, device, no_kernel_launch):
 @pytest.mark.gpu
 def test_deterministic_50_runs_gpu(device):
     """Backward bitwise identical over 50 runs (GQA 8:2, causal), forward bitwise, split-KV reproducible."""
-    q, k, v = _qkv(device, b=2, sq=2048, sk=2048, h=8, hk=2, d=128, dtype=torch.bfloat16, grad=True)
+    q, k, v = _qkv(device, b=2, sq=2048, sk=2048, h=8, hk=2, d=128, dv=128, dtype=torch.bfloat16, grad=True)
     do = torch.randn(2, 2048, 8, 128, device=device, dtype=torch.bfloat16)
     first = None
     for _ in range(50):
