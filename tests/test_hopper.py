@@ -80,18 +80,17 @@ def test_hopper_gpu(case, dtype, device):
     shape = (b, sq * 9 + 1, sk * 9, h, hk, d)
     sink = torch.randn(h, device=device) if spec.pop("sink", False) else None
     q, k, v = _inputs(shape, dtype, device)
-    if os.environ.get("TRIFLASH_HOPPER") != "0" and torch.cuda.get_device_capability()[0] == 9:
-        assert fwd_hopper.hopper_fwd_eligible(q, k, v, q, None, None, None, None)
-    tensors = dict(q=q, k=k, v=v) | ({"learnable_sink": sink} if sink is not None else {})
-
-    def fn(q, k, v, learnable_sink=None):
-        return flash_attn_func(q, k, v, learnable_sink=learnable_sink, return_lse=True, **spec)
-
-    out, lse, _ = check_against_ref(fn, tensors, spec, ref_fp64=False)
-    old = os.environ.get("TRIFLASH_HOPPER")
-    os.environ["TRIFLASH_HOPPER"] = "0"
+    os.environ["TRIFLASH_HOPPER"] = "1"  # opt in for this test
     try:
-        out_portable = flash_attn_func(q, k, v, learnable_sink=sink, **spec)
+        if torch.cuda.get_device_capability()[0] == 9:
+            assert fwd_hopper.hopper_fwd_eligible(q, k, v, q, None, None, None, None)
+        tensors = dict(q=q, k=k, v=v) | ({"learnable_sink": sink} if sink is not None else {})
+
+        def fn(q, k, v, learnable_sink=None):
+            return flash_attn_func(q, k, v, learnable_sink=learnable_sink, return_lse=True, **spec)
+
+        out, lse, _ = check_against_ref(fn, tensors, spec, ref_fp64=False)
     finally:
-        os.environ.pop("TRIFLASH_HOPPER") if old is None else os.environ.__setitem__("TRIFLASH_HOPPER", old)
+        del os.environ["TRIFLASH_HOPPER"]
+    out_portable = flash_attn_func(q, k, v, learnable_sink=sink, **spec)
     assert (out.float() - out_portable.float()).abs().max() < 2e-2
