@@ -36,7 +36,7 @@ for i in range(int(os.environ.get("N", "300"))):
     group, hk, scale = rng.choice([1, 2, 3]), rng.randint(1, 2), rng.randint(1, 40)
     side = [-1, rng.randint(-8, 40)]
     p = dict(b=rng.randint(1, 2), sq=rng.randint(0, 70) * scale, sk=rng.randint(0, 70) * scale, h=hk * group,
-             hk=hk, d=rng.choice([8, 16, 24, 32, 40, 64]), dv=rng.choice([8, 16, 24, 32, 40, 64]),
+             hk=hk, d=rng.choice([8, 16, 24, 32, 40, 64, 96, 128]), dv=rng.choice([8, 16, 24, 32, 40, 64, 96, 128]),
              causal=rng.random() < 0.5, window=[rng.choice(side), rng.choice(side)],
              softcap=rng.choice([0.0, 0.0, 3.0]), sink=rng.random() < 0.5, seed=i)
     try:

@@ -119,7 +119,16 @@ def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool, rows: int
     if rows is not None and rows <= _DECODE_MAX_ROWS:
         cfg = _lookup(_DECODE_FWD, max(d, dv))
         return dataclasses.replace(cfg, block_m=max(16, min(cfg.block_m, _next_pow2(rows))))
+    if arch == 90 and min(d, dv) < 64:
+        return _SM90_SMALL_DIM_FWD
     return _lookup(_FWD_TABLE.get(arch, _FWD_FALLBACK), max(d, dv))
+
+
+# sm90, a head dim under 64 (e.g. D=40, Dv=24): Triton 3.6 built the (128, 64, 8 warps, 3 stages) forward
+# with an out-of-bounds shared-memory read in tl.sum's reduction (compute-sanitizer memcheck on an H100,
+# 2026-11-24: "Invalid __shared__ read of size 1024 bytes" at triton/language/standard.py:263), which
+# faulted. These problems take the 4-warp tile that is valid on every GPU.
+_SM90_SMALL_DIM_FWD = AttnFwdConfig(64, 64, 4, 2)
 
 
 def _next_pow2(n: int) -> int:
