@@ -39,6 +39,8 @@ for i in range(int(os.environ.get("N", "300"))):
              hk=hk, d=rng.choice([8, 16, 24, 32, 40, 64, 96, 128]), dv=rng.choice([8, 16, 24, 32, 40, 64, 96, 128]),
              causal=rng.random() < 0.5, window=[rng.choice(side), rng.choice(side)],
              softcap=rng.choice([0.0, 0.0, 3.0]), sink=rng.random() < 0.5, seed=i)
+    if os.environ.get("DIMS"):  # restrict to one (D, Dv), e.g. DIMS=64,64
+        p["d"], p["dv"] = (int(x) for x in os.environ["DIMS"].split(","))
     try:
         run(p)
     except Exception as exc:  # noqa: BLE001
