@@ -193,15 +193,9 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     if paged and varlen_k:
         raise ValueError("page_table: paged KV cannot be combined with cu_seqlens_k; give each sequence's length "
                          "with seqused_k instead")
-    checks.check_tensor("k", k, 3 if varlen_k else 4, device=dev)
-    checks.check_tensor("v", v, 3 if varlen_k else 4, device=dev)
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {x.dtype}")
+    _check_like_q(q, (("k", k), ("v", v)), 3 if varlen_k else 4)
     if varlen_q:
-        checks.check_index_tensor("cu_seqlens_q", cu_seqlens_q, None, dev)
-        if max_seqlen_q is None:
-            raise ValueError("max_seqlen_q: required with cu_seqlens_q (the longest query sequence)")
+        _check_cu_seqlens_q(cu_seqlens_q, max_seqlen_q, dev)
     batch = cu_seqlens_q.shape[0] - 1 if varlen_q else q.shape[0]
     nheads, d = q.shape[-2], q.shape[-1]
     nheads_k, dv = k.shape[-2], v.shape[-1]
@@ -244,6 +238,20 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     _check_sink_out(learnable_sink, out, q, nheads, dv)
     left, right, scale, softcap = _check_softmax_args(causal, window_size, softmax_scale, d, softcap)
     return (max_seqlen_q, max_seqlen_k, scale, left, right, softcap)
+
+
+def _check_like_q(q, named_tensors, ndim):
+    """k/v (or the caches): tensors of ``ndim`` dims on q's device with q's dtype."""
+    for name, x in named_tensors:
+        checks.check_tensor(name, x, ndim, device=q.device)
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {x.dtype}")
+
+
+def _check_cu_seqlens_q(cu_seqlens_q, max_seqlen_q, dev):
+    checks.check_index_tensor("cu_seqlens_q", cu_seqlens_q, None, dev)
+    if max_seqlen_q is None:
+        raise ValueError("max_seqlen_q: required with cu_seqlens_q (the longest query sequence)")
 
 
 def _check_q(q, varlen_q):
@@ -457,14 +465,9 @@ def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table, cach
     varlen_q = cu_seqlens_q is not None
     _check_q(q, varlen_q)
     dev = q.device
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        checks.check_tensor(name, x, 4, device=dev)
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {x.dtype}")
+    _check_like_q(q, (("k_cache", k_cache), ("v_cache", v_cache)), 4)
     if varlen_q:
-        checks.check_index_tensor("cu_seqlens_q", cu_seqlens_q, None, dev)
-        if max_seqlen_q is None:
-            raise ValueError("max_seqlen_q: required with cu_seqlens_q (the longest query sequence)")
+        _check_cu_seqlens_q(cu_seqlens_q, max_seqlen_q, dev)
         max_seqlen_q = checks.check_int_arg("max_seqlen_q", max_seqlen_q, None)
     else:
         if max_seqlen_q is not None:
@@ -507,11 +510,7 @@ def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table, cach
         raise ValueError(f"k, v: give both new keys and values or neither, got k={checks._desc(k)}, "
                          f"v={checks._desc(v)}")
     if k is not None:
-        checks.check_tensor("k", k, 4, device=dev)
-        checks.check_tensor("v", v, 4, device=dev)
-        for name, x in (("k", k), ("v", v)):
-            if x.dtype != q.dtype:
-                raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {x.dtype}")
+        _check_like_q(q, (("k", k), ("v", v)), 4)
         checks.check_shape("k", k, (batch, k.shape[1], nheads_k, d))
         checks.check_shape("v", v, (batch, k.shape[1], nheads_k, dv))
         if cache_seqlens is None:
