@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import interface
+from .. import interface, serving
 from ..checks import not_built
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
@@ -128,7 +128,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``return_softmax_lse``. Semantics: ``triflash.flash_attn_with_kvcache``.
     """
     not_built(alibi_slopes=alibi_slopes is not None)
-    return interface.flash_attn_with_kvcache(
+    return serving.flash_attn_with_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, page_table=block_table,
         cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         rotary_interleaved=rotary_interleaved, softmax_scale=softmax_scale, causal=causal, window_size=window_size,

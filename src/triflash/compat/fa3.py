@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import interface
+from .. import interface, serving
 from ..checks import check_int_arg, not_built
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func", "flash_attn_with_kvcache",
            "flash_attn_combine", "get_scheduler_metadata"]
 
-flash_attn_combine = interface.flash_attn_combine
+flash_attn_combine = serving.flash_attn_combine
 
 
 def _check_hints(attention_chunk, sm_margin):
@@ -110,7 +110,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     if scheduler_metadata is not None and not isinstance(scheduler_metadata, torch.Tensor):
         raise TypeError(f"scheduler_metadata: expected None or the tensor from get_scheduler_metadata, got "
                         f"{type(scheduler_metadata).__name__}")
-    return interface.flash_attn_with_kvcache(
+    return serving.flash_attn_with_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, page_table=page_table,
         cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         rotary_interleaved=rotary_interleaved, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
