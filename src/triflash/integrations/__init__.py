@@ -1,0 +1,1 @@
+"""Adapters that plug triflash into other libraries (``transformers``)."""
