@@ -98,8 +98,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         q, k, v = (torch.randn(batch, args.seqlen, nheads, d, device="cuda", dtype=torch.bfloat16, generator=gen)
                    .requires_grad_(pass_name == "bwd") for _ in range(3))
         flops = 4 * batch * nheads * args.seqlen**2 * d * (0.5 if causal else 1) * (2.5 if pass_name == "bwd" else 1)
-        # The portable forward is timed with the Hopper path off; fwd_hopper with it on (the default).
-        os.environ["TRIFLASH_HOPPER"] = "0" if pass_name == "fwd" else "1"
+        # fwd_hopper opts in to the Hopper forward; every other pass times the default (portable) path.
+        os.environ["TRIFLASH_HOPPER"] = "1" if pass_name == "fwd_hopper" else "0"
         results = []
         for cfg in cands[pass_name]:
             step(f"{pass_name} d{d} {'causal' if causal else 'full'} {cfg}")
