@@ -90,8 +90,20 @@ def test_debug_mode_passes_valid_calls(device, monkeypatch):
 
 
 def test_debug_mode_off_by_default(device, monkeypatch):
-    """Without the flag nothing syncs: a valid call reads no index tensor back (checked on CUDA)."""
+    """Without the flag no debug check runs (any device) and nothing syncs (checked on CUDA)."""
+    from triflash import checks
+
     monkeypatch.delenv("TRIFLASH_DEBUG", raising=False)
+
+    def called(*args, **kwargs):
+        raise AssertionError("a debug check ran with TRIFLASH_DEBUG unset")
+
+    for name in ("debug_check_lengths", "debug_check_pages", "debug_check_range"):
+        monkeypatch.setattr(checks, name, called)
+    kc, vc = _paged(device)
+    qp = torch.randn(2, 3, 2, 16, device=device, dtype=torch.float16)
+    flash_attn_varlen_func(qp, kc, vc, seqused_k=_t([5, 8], device), page_table=_t([[0, 3], [1, 2]], device))
+    _kvcache_call(device, cache_leftpad=_t([0, 2], device))
     q, k, v = _packed(device)
     cu = _t([0, 10, 30], device)
     if device == "cuda":
