@@ -1,12 +1,15 @@
 """Random dense problems like tests/test_fuzz.py's GPU tier, each printed before it runs (run with
 CUDA_LAUNCH_BLOCKING=1 so a faulting kernel is named at its launch). Stops at the first CUDA error and
-re-runs that problem in a child with the Hopper path off."""
+re-runs that problem in children: with the Hopper path on and off, then under compute-sanitizer memcheck
+(when it is on the PATH), printing the first errors it reports. TIME_S bounds the search (default 150 s)."""
 
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -31,8 +34,11 @@ if len(sys.argv) > 1:
     print("ok")
     sys.exit(0)
 
-rng = random.Random(0)
+rng = random.Random(int(os.environ.get("SEED", "0")))
+deadline = time.monotonic() + float(os.environ.get("TIME_S", "150"))
 for i in range(int(os.environ.get("N", "300"))):
+    if time.monotonic() > deadline:
+        break
     group, hk, scale = rng.choice([1, 2, 3]), rng.randint(1, 2), rng.randint(1, 40)
     side = [-1, rng.randint(-8, 40)]
     p = dict(b=rng.randint(1, 2), sq=rng.randint(0, 70) * scale, sk=rng.randint(0, 70) * scale, h=hk * group,
@@ -50,5 +56,11 @@ for i in range(int(os.environ.get("N", "300"))):
                                  env={**os.environ, "TRIFLASH_HOPPER": hopper})
             tail = (res.stdout + res.stderr).strip().splitlines()[-4:]
             print(f"  rerun TRIFLASH_HOPPER={hopper}: rc={res.returncode}", " | ".join(tail)[-600:], flush=True)
+        if shutil.which("compute-sanitizer"):
+            res = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--print-limit", "3", sys.executable,
+                                  __file__, json.dumps(p)], capture_output=True, text=True, timeout=240,
+                                 env={**os.environ, "CUDA_LAUNCH_BLOCKING": "0"})
+            lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("=========")]
+            print("  memcheck:", f"rc={res.returncode}", *lines[:40], sep="\n    ", flush=True)
         sys.exit(1)
 print("no fault in", i + 1, "problems")

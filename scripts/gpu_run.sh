@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, compute-sanitizer cases, tuning and the benchmark, as asked.
-#   bash scripts/gpu_run.sh [tests] [sanitize] [tune] [bench-quick|bench]   (default: tests sanitize bench)
+#   bash scripts/gpu_run.sh [fuzzdiag] [fuzzreplay] [configdiag] [tests] [fuzz] [sanitize] [tune] [bench-quick|bench]   (default: tests sanitize bench)
 # Logs and results go under $OUT (default ./out); a short summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -18,15 +18,26 @@ cat "$OUT/env.txt"
 for stage in "${stages[@]}"; do
   t0=$SECONDS
   case "$stage" in
-    tests)
-      timeout 300 python3 -m pytest tests -q -n 4 --dist loadgroup --maxfail=20 -p no:cacheprovider -m "gpu or not gpu" \
-        --durations=10 > "$OUT/tests.log" 2>&1; rc=$? ;;
+    fuzzdiag)  # random problems one by one with blocking launches; a fault is re-run under memcheck
+      CUDA_LAUNCH_BLOCKING=1 TIME_S=${FUZZDIAG_TIME_S:-150} timeout 420 python3 scripts/fuzz_diag.py \
+        > "$OUT/fuzzdiag.log" 2>&1; rc=$? ;;
+    fuzzreplay)  # the GPU fuzz tier's examples one by one (blocking launches; a fault is re-run under memcheck)
+      timeout 300 python3 scripts/fuzz_replay.py > "$OUT/fuzzreplay.log" 2>&1; rc=$? ;;
+    tests)  # the GPU fuzz tier is its own stage, so that a fault there cannot take other tests down
+      timeout "${TESTS_TIME_S:-450}" python3 -m pytest tests -v -n "${TEST_WORKERS:-4}" --continue-on-collection-errors --dist loadgroup --maxfail=30 -p no:cacheprovider \
+        -m "gpu or not gpu" --deselect tests/test_fuzz.py::test_fuzz_dense_gpu -rfE --durations=15 ${PYTEST_EXTRA:-} \
+        > "$OUT/tests.log" 2>&1; rc=$? ;;
+    fuzz)
+      timeout "${FUZZ_TIME_S:-240}" python3 -m pytest tests/test_fuzz.py -q -p no:cacheprovider -m gpu > "$OUT/tests_fuzz.log" 2>&1
+      rc=$? ;;
     sanitize)
       rc=0
-      for tool in memcheck racecheck initcheck; do
-        timeout 110 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 scripts/sanitize_cases.py \
-          >> "$OUT/sanitize.log" 2>&1 || rc=$?
-        echo "== $tool rc=$rc" >> "$OUT/sanitize.log"
+      for tool in memcheck racecheck initcheck; do  # memcheck is the slowest (about 3 min for the 22 cases)
+        limit=${SANITIZE_TIME_S:-110}; [ "$tool" = memcheck ] && limit=${MEMCHECK_TIME_S:-240}
+        timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 scripts/sanitize_cases.py \
+          >> "$OUT/sanitize.log" 2>&1; trc=$?
+        echo "== $tool rc=$trc" >> "$OUT/sanitize.log"
+        [ $trc -ne 0 ] && rc=$trc
       done ;;
     tune)
       timeout 290 python3 -m triflash.bench.cli tune --budget-s 250 > "$OUT/tune.log" 2>&1; rc=$? ;;
@@ -37,6 +48,8 @@ for stage in "${stages[@]}"; do
     bench-portable)  # the forward with the Hopper path off, to measure what it gains
       TRIFLASH_HOPPER=0 timeout 200 python3 -m triflash.bench.cli run --mode fwd --providers triflash \
         --out "$OUT/bench_portable.jsonl" > "$OUT/bench_portable.log" 2>&1; rc=$? ;;
+    configdiag)  # the head-dim pairs that miscompiled, under the table's configs
+      CONFIGS=${DIAG_CONFIGS:-none} timeout 200 python3 scripts/config_diag.py > "$OUT/config_diag.log" 2>&1; rc=$? ;;
     decode)
       timeout 200 python3 -m triflash.bench.cli decode --out "$OUT/decode.jsonl" > "$OUT/decode.log" 2>&1; rc=$? ;;
     *) echo "unknown stage $stage"; rc=2 ;;
@@ -45,7 +58,11 @@ for stage in "${stages[@]}"; do
 done
 
 echo "---- tails"
-[ -f "$OUT/tests.log" ] && tail -n 25 "$OUT/tests.log"
+[ -f "$OUT/fuzzdiag.log" ] && tail -n 30 "$OUT/fuzzdiag.log"
+[ -f "$OUT/config_diag.log" ] && cat "$OUT/config_diag.log"
+[ -f "$OUT/fuzzreplay.log" ] && grep -E "WRONG|FAULT|memcheck|=====|examples" "$OUT/fuzzreplay.log" | head -n 40
+[ -f "$OUT/tests.log" ] && { grep -E "^\[gw.*(FAILED|ERROR)" "$OUT/tests.log" | head -n 40; tail -n 25 "$OUT/tests.log"; }
+[ -f "$OUT/tests_fuzz.log" ] && tail -n 8 "$OUT/tests_fuzz.log"
 [ -f "$OUT/sanitize.log" ] && grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|cases passed" "$OUT/sanitize.log"
 [ -f "$OUT/tune.log" ] && grep -vE "^\s*(skip|tuning)" "$OUT/tune.log" | tail -n 20
 [ -f "$OUT/bench.jsonl" ] && python3 scripts/summarize.py "$OUT/bench.jsonl"

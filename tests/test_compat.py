@@ -302,7 +302,7 @@ def test_lowlevel_ring(device):
     ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), fp64=True)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-4, rtol=1e-4)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(18))
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(18)).to(out.device)
     grads = [lowlevel.bwd(dout, q, kb, vb, out, lse) for kb, vb in blocks]
     dq = grads[0][0] + grads[1][0]
     dk, dv = torch.cat([grads[0][1], grads[1][1]], 1), torch.cat([grads[0][2], grads[1][2]], 1)

@@ -117,7 +117,7 @@ def test_simulated_ring_matches_dense(case, device):
     _check(case, [g.cpu() for g in got])
     # The dense kernel on the whole sequence agrees too (forward; same tolerance rule).
     dense_out = flash_attn_func(q, k, v, causal=causal).cpu()
-    ref_out = attention_ref(*(x.double() for x in (q, k, v)), causal=causal, fp64=True)[0]
+    ref_out = attention_ref(*(x.double() for x in (q, k, v)), causal=causal, fp64=True)[0].cpu()
     assert_close("dense out", dense_out, ref_out, got[0].cpu(), factor=2.0)
 
 

@@ -74,7 +74,7 @@ def test_fuzz_varlen(p, device):
 
 
 @pytest.mark.gpu
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(p=dense_problems(), scale=st.integers(1, 40))
 def test_fuzz_dense_gpu(p, scale, device):

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ..configs import pick_attn_bwd_config
 from .fwd import _pow2, _strides3, input_precision, softmax_args, window_args
+from .launch import launch
 from .masking import _block_range, _load_tile, _score_mask, _seq_info
 from .softmax import _scores_log2
 
@@ -304,12 +305,14 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
     in_strides = (*_strides3(q, varlen_q), *_strides3(k, varlen_k), *_strides3(v, varlen_k),
                   *_strides3(do, varlen_q))
     if max_seqlen_k > 0:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg.block_n), nheads_k, batch)](
+        launch(
+            _attn_bwd_dkdv_kernel, (triton.cdiv(max_seqlen_k, cfg.block_n), nheads_k, batch),
             q, k, v, do, lse, delta, dk, dv, *seq_ptrs, *in_strides,
             *_strides3(dk, varlen_k), *_strides3(dv, varlen_k), stride_lb, stride_lh, *scalars, **common,
         )
     if max_seqlen_q > 0:
-        _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg.block_m), nheads, batch)](
+        launch(
+            _attn_bwd_dq_kernel, (triton.cdiv(max_seqlen_q, cfg.block_m), nheads, batch),
             q, k, v, do, lse, delta, dq, *seq_ptrs, *in_strides,
             *_strides3(dq, varlen_q), stride_lb, stride_lh, *scalars, **common,
         )

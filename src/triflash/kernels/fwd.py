@@ -11,6 +11,7 @@ import triton.language as tl
 
 from ..configs import pick_attn_fwd_config
 from .combine import attn_combine
+from .launch import launch
 from .masking import _block_range, _kv_rows, _load_tile, _rows_range, _score_mask, _seq_info, _split_range
 from .softmax import _online_softmax, _scores_log2, _softmax_finish
 
@@ -177,6 +178,23 @@ def _pow2(n):
     return max(16, triton.next_power_of_2(n))
 
 
+def head_blocks(d, dv):
+    """(BLOCK_D, BLOCK_DV): the head dims padded to powers of two (>= 16), masked where they pad.
+
+    When the two blocks differ and both pad, or differ at small head dims (<= 64), both take the larger
+    block. Reason (H100, Triton 3.6, 2026-11-24, scripts/config_diag.py): the forward with D=40, Dv=24
+    (blocks 64 and 32) or D=40, Dv=8 (64 and 16) computed wrong rows (errors ~200x the reference's) or
+    faulted under every 64-key tile tried (64x64 and 128x64, 4 or 8 warps, 1 to 3 stages), while D=40,
+    Dv=40 (equal padded blocks) and unpadded pairs were correct. The masked extra V columns cost
+    little at these sizes.
+    """
+    block_d, block_dv = _pow2(d), _pow2(dv)
+    padded = (block_d != d, block_dv != dv)
+    if block_d != block_dv and (all(padded) or (any(padded) and max(block_d, block_dv) <= 64)):
+        block_d = block_dv = max(block_d, block_dv)
+    return block_d, block_dv
+
+
 def window_args(window_left, window_right):
     """Kernel arguments for a canonical window: (left, right, HAS_LEFT, HAS_RIGHT)."""
     return (window_left or 0, window_right or 0, window_left is not None, window_right is not None)
@@ -242,8 +260,9 @@ def attn_fwd(q, k, v, out, lse, *, cu_seqlens_q, cu_seqlens_k, seqused_q, sequse
             l_strides = (0, lse.stride(0), lse.stride(2), lse.stride(1))
     grid = (triton.cdiv(rows, cfg.block_m) * num_splits, nheads_k if pack_gqa else nheads, batch)
     dummy = q
-    _attn_fwd_kernel[grid](
-        q, k, v, o_dst, l_dst, sink if sink is not None else dummy,
+    block_d, block_dv = head_blocks(d, dv)
+    launch(
+        _attn_fwd_kernel, grid, q, k, v, o_dst, l_dst, sink if sink is not None else dummy,
         cu_seqlens_q if varlen_q else dummy, cu_seqlens_k if varlen_k else dummy,
         seqused_q if seqused_q is not None else dummy, seqused_k if seqused_k is not None else dummy,
         page_table if paged else dummy, kv_batch_idx if kv_batch_idx is not None else dummy,
@@ -252,7 +271,7 @@ def attn_fwd(q, k, v, out, lse, *, cu_seqlens_q, cu_seqlens_k, seqused_q, sequse
         page_table.stride(0) if paged else 0,
         q.shape[1] if not varlen_q else 0, seqlen_k_pad, group, num_splits, page_size, k.shape[0],
         qk_scale, softcap_scale, left, right,
-        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k,
         HAS_SEQUSED_Q=seqused_q is not None, HAS_SEQUSED_K=seqused_k is not None,

@@ -1,0 +1,41 @@
+"""Kernel launches with one guarded fallback for a known compiler failure.
+
+Triton 3.6's bundled ptxas crashes (SIGSEGV, reported as ``PTXASError``) on some pipelined sm_90 builds
+of the attention kernels with small head dims, e.g. the forward at D = Dv = 16 with 64x64 tiles and 2
+stages when the K/V strides are multiples of 16 (reproduced on CPU with ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)``; the same build with ``num_stages=1`` compiles). A launch whose build fails
+in ptxas is retried once without software pipelining; the failing build is remembered, so later calls
+go straight to the fallback instead of re-running ptxas.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from triton.runtime.errors import PTXASError
+except ImportError:  # older Triton: no such error class, nothing to catch
+    PTXASError = ()
+
+_FAILED: set[tuple] = set()
+
+
+def _build_key(kernel, num_warps, num_stages, args, kwargs):
+    consts = tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (bool, int, str))))
+    dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+    return (getattr(kernel, "__name__", repr(kernel)), num_warps, num_stages, consts, dtypes)
+
+
+def launch(kernel, grid, *args, num_warps: int, num_stages: int, **kwargs):
+    """``kernel[grid](*args, num_warps=..., num_stages=..., **kwargs)``, unpipelined if ptxas fails."""
+    key = _build_key(kernel, num_warps, num_stages, args, kwargs)
+    if num_stages > 1 and key not in _FAILED:
+        try:
+            return kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+        except PTXASError:
+            _FAILED.add(key)
+            warnings.warn(f"triflash: ptxas failed to build {key[0]} with num_stages={num_stages} "
+                          f"({dict(key[3])}); using num_stages=1 for this build", RuntimeWarning, stacklevel=2)
+    return kernel[grid](*args, num_warps=num_warps, num_stages=1 if key in _FAILED else num_stages, **kwargs)
