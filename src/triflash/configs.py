@@ -127,7 +127,9 @@ def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool, rows: int
 # sm90, a head dim under 64 (e.g. D=40, Dv=24): Triton 3.6 built the (128, 64, 8 warps, 3 stages) forward
 # with an out-of-bounds shared-memory read in tl.sum's reduction (compute-sanitizer memcheck on an H100,
 # 2026-11-24: "Invalid __shared__ read of size 1024 bytes" at triton/language/standard.py:263), which
-# faulted. These problems take the 4-warp tile that is valid on every GPU.
+# faulted. The common factor of that and every later small-dim failure is two different padded head-dim
+# blocks (64 for D=40, 32 for Dv=24); kernels/fwd.py head_blocks now unifies them. These problems also
+# keep the 4-warp tile: the config verified on the small-dim pairs since (scripts/config_diag.py).
 _SM90_SMALL_DIM_FWD = AttnFwdConfig(64, 64, 4, 2)
 
 
