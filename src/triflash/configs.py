@@ -78,8 +78,17 @@ _BWD_FALLBACK = [(64, AttnBwdConfig(32, 32, 4, 1)), (128, AttnBwdConfig(32, 32, 
 _DECODE_MAX_ROWS = 64
 _DECODE_FWD = [(64, AttnFwdConfig(64, 128, 4, 3)), (128, AttnFwdConfig(64, 128, 4, 2)),
                (256, AttnFwdConfig(64, 64, 4, 2)), (512, AttnFwdConfig(32, 32, 4, 2))]
-# num_splits=0: programs per SM to aim for, and the fewest key blocks a split may get.
-_SPLIT_WAVES = 2
+# num_splits=0: programs per SM to aim for (contiguous, paged KV), and the fewest key blocks a split may
+# get. Measured on an H100 80GB HBM3, 2026-11-24 (`triflash-bench decode --num-splits 0,1,2,3,4,8,16,32,64`,
+# H=32 Hk=8 D=128 bf16, TB/s over K+V; contiguous / paged16 / paged64 at the split count shown):
+#   (B, Sk) = (1, 64k): 16 splits 2.63/2.10/2.17, 32 splits 2.46/2.35/2.35, 33 (the old 2-wave pick)
+#   2.45/2.29/2.30; (16, 8k): 2 splits 2.93/2.84/2.85, 3 splits 2.79/2.43/2.46, 4 splits 2.88/2.72/2.72;
+#   (64, 8k) and (128, 4k): 1 split within 3% of the best of any count.
+# Contiguous caches peak near one program per SM, paged ones (a dependent page-table load per block)
+# want twice as many programs in flight; split counts that are not powers of two lost 5-15% against
+# the power of two below them, so the count is rounded down to one.
+_SPLIT_WAVES = 1
+_SPLIT_WAVES_PAGED = 2
 _SPLIT_MIN_BLOCKS = 4
 
 
@@ -154,20 +163,21 @@ def sm_count(device) -> int:
     return _SM_COUNT[index]
 
 
-def pick_num_splits(device, programs: int, max_seqlen_k: int, block_n: int, max_splits: int = 128) -> int:
+def pick_num_splits(device, programs: int, max_seqlen_k: int, block_n: int, max_splits: int = 128,
+                    paged: bool = False) -> int:
     """``num_splits=0``: how many parts to split each query tile's keys into (host sizes only, no sync).
 
     Split only when the ``programs`` (query tiles x heads x sequences) fill less than
-    ``_SPLIT_WAVES`` programs per SM, into as many parts as fill them, keeping at least
-    ``_SPLIT_MIN_BLOCKS`` key blocks per part.
+    ``_SPLIT_WAVES`` (``_SPLIT_WAVES_PAGED`` with a page table) programs per SM, into as many parts as
+    fill them, rounded down to a power of two, keeping at least ``_SPLIT_MIN_BLOCKS`` key blocks per part.
     """
     sms = sm_count(device)
     n_blocks = -(-max_seqlen_k // block_n)
-    target = _SPLIT_WAVES * sms
+    target = (_SPLIT_WAVES_PAGED if paged else _SPLIT_WAVES) * sms
     if programs <= 0 or programs >= target or n_blocks < 2 * _SPLIT_MIN_BLOCKS:
         return 1
-    splits = -(-target // programs)
-    return max(1, min(splits, n_blocks // _SPLIT_MIN_BLOCKS, max_splits))
+    splits = max(1, min(-(-target // programs), n_blocks // _SPLIT_MIN_BLOCKS, max_splits))
+    return 1 << (splits.bit_length() - 1)
 
 
 def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool) -> AttnBwdConfig:
