@@ -203,3 +203,22 @@ def test_paged_int64_offsets_gpu(device):
                                               num_splits=splits, return_lse=True)
         check_fwd_against_ref(out, lse, dict(q=q, k=k, v=v), dict(seqused_k=used, page_table=table, causal=True),
                               ref_fp64=False)
+
+
+def test_reference_ignores_poisoned_slots():
+    """attention_ref reads nothing past seqused_k: NaN in a page's unused tail or in the page that stands
+    in for a -1 table entry does not reach its output (the kernels' behaviour, which tests compare to)."""
+    gen = torch.Generator().manual_seed(5)
+    k, v = torch.randn(3, 4, 1, 8, generator=gen), torch.randn(3, 4, 1, 8, generator=gen)
+    q = torch.randn(1, 1, 1, 8, generator=gen)
+    table = torch.tensor([[1, -1]], dtype=torch.int32)
+    lens = torch.tensor([3], dtype=torch.int32)
+    clean, _ = attention_ref(q, k, v, seqused_k=lens, page_table=table)
+    k[1, 3], v[1, 3], k[0], v[0] = float("nan"), float("nan"), float("nan"), float("nan")
+    out, lse = attention_ref(q, k, v, seqused_k=lens, page_table=table)
+    assert torch.equal(out, clean) and torch.isfinite(lse).all()
+    dense = torch.randn(1, 5, 1, 8, generator=gen)
+    dense_nan = dense.clone()
+    dense_nan[:, 3:] = float("nan")
+    ref_out, _ = attention_ref(q, dense[:, :3], dense[:, :3])
+    torch.testing.assert_close(attention_ref(q, dense_nan, dense_nan, seqused_k=lens)[0], ref_out)

@@ -42,6 +42,11 @@ def _dense(q, k, v, seqlen_q, seqlen_k, scale, causal, window_size, softcap, sin
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     group = h // hk
+    # Keys past a sequence's length are never read: zero them, so that whatever fills those slots of a
+    # padded or paged cache (NaN-poisoned free pages, stale tails) cannot reach the result through 0 * NaN.
+    key_ok = (torch.arange(sk, device=k.device).view(1, sk) < seqlen_k.view(-1, 1).to(k.device))[..., None, None]
+    k = torch.where(key_ok, k, torch.zeros((), dtype=k.dtype, device=k.device))
+    v = torch.where(key_ok, v, torch.zeros((), dtype=v.dtype, device=v.device))
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     if reorder_ops:
