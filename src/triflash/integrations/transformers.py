@@ -17,14 +17,23 @@ Masks the function accepts (anything else raises ``NotImplementedError``, never 
   mask (transformers' empty-StaticCache prefill) the keys are cut to ``Sq`` as SDPA does.
 - a 2-D padding mask ``(B, Sk)`` (bool or 0/1): True = real token; the last ``Sq`` columns are the queries.
 - a 4-D mask ``(B or 1, 1 or H, Sq, Sk)``, boolean (True = attend) or additive (0 = attend, large negative =
-  masked), whose pattern is exactly "padding + causal (+ sliding window)" in the compacted real tokens. This
-  covers left padding (generation), right padding, static caches and decoding. The pattern is checked on the
-  host (one device sync per call with a mask); a block-diagonal (packed position_ids), bidirectional-island or
-  biased mask fails the check and raises.
+  masked), whose pattern is exactly "padding + causal (+ sliding window)" in the compacted real tokens, with the
+  rows of padded queries empty. ``triflash_attention_mask`` builds such masks (``sdpa_mask``, whose right-padded
+  query rows still attend the real tokens before them, with those rows cleared). This covers left padding
+  (generation), right padding, static caches and decoding. The pattern is checked on the host (one device sync
+  per call with a mask). A block-diagonal mask is accepted where ``position_ids`` show the same packing (below);
+  a bidirectional-island or biased mask fails the check and raises.
 
 Padded batches are unpadded into varlen form (``cu_seqlens`` over the real tokens), run through
-``flash_attn_varlen_func`` and scattered back; padded query rows are zero. Packed batches given as
-``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs (``DataCollatorWithFlattening``) run varlen directly.
+``flash_attn_varlen_func`` and scattered back; padded query rows are zero. Packed batches run varlen too, given
+either as ``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs (``DataCollatorWithFlattening``) or as ``position_ids``
+that restart inside a row (``Sq == Sk``, no padding). A sequence starts at each row start and wherever a position
+does not follow its predecessor by 1 (transformers' ``find_packed_sequence_indices``, so the split is the one of
+the block-diagonal mask transformers builds without a cache). As in transformers' FlashAttention path, packing is
+also read from ``position_ids`` when the mask shows none (with a cache, or in models such as gpt-oss that do not
+pass ``position_ids`` to their mask builders), where sdpa and eager attend across the packed sequences. Reading
+``position_ids`` costs one device sync per call with ``Sq == Sk > 1`` and no padding, and a graph break under
+``torch.compile``.
 Also handled: GQA (native), ``sliding_window`` (module attribute or kwarg; transformers' window of ``w`` tokens
 including the current one = ``window_size=(w - 1, 0)``), ``softcap`` (kwarg or
 ``module.config.attn_logit_softcapping``), ``module.sinks`` (gpt-oss) as ``learnable_sink``. Dropout > 0 and
@@ -68,8 +77,11 @@ def _mask_to_bool(mask):
     return mask != 0
 
 
-def _validity(mask, sq, sk, causal, window):
-    """(q_valid (B, Sq), kv_valid (B, Sk)) from a padding or 4-D mask; raises if the 4-D pattern is not ours."""
+def _validity(mask, sq, sk, causal, window, seg=None):
+    """(q_valid (B, Sq), kv_valid (B, Sk)) from a padding or 4-D mask, or None if the 4-D pattern is not ours.
+
+    With ``seg`` (B, S) packed-sequence ids, the pattern is causal/window within each packed sequence instead.
+    """
     mask = _mask_to_bool(mask)
     if mask.dim() == 2:
         if mask.shape[1] < sk:
@@ -94,11 +106,30 @@ def _validity(mask, sq, sk, causal, window):
         expected = expected & (cj <= ci + max(right, 0))
     if left >= 0:
         expected = expected & (cj >= ci - left)
+    if seg is not None:
+        expected = expected & (seg[:, :, None] == seg[:, None, :])
     if not bool((expected == m).all()):
-        raise NotImplementedError("trifa_attention: the attention mask is not a padding + causal/sliding-window "
-                                  "pattern (e.g. packed sequences via position_ids, bidirectional blocks); use "
-                                  "attn_implementation='sdpa' or 'eager' for such masks")
+        return None
     return q_valid, kv_valid
+
+
+def _packed(position_ids, b, sq, sk):
+    """(seg (B, S) sequence ids, cu_seqlens int32, max length) of sequences packed via ``position_ids``, or None.
+
+    None when the rows hold one sequence each (or the shapes cannot be packed: ``Sq != Sk``, decoding, 3-D M-RoPE
+    positions). One device sync: the start flags are read on the host.
+    """
+    if (position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] not in (1, b)
+            or position_ids.shape[1] != sq or sq != sk or sq < 2):
+        return None
+    pos = position_ids.expand(b, sq)
+    start = torch.ones(b, sq, dtype=torch.bool, device=pos.device)
+    start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    starts = start.reshape(-1).cpu().nonzero().squeeze(1)
+    if starts.numel() == b:
+        return None
+    cu = torch.cat([starts, starts.new_tensor([b * sq])]).to(torch.int32)
+    return start.cumsum(1), cu.to(pos.device), int(cu.diff().max())
 
 
 def _cu(lengths):
@@ -127,15 +158,31 @@ def triflash_attention_forward(module, query, key, value, attention_mask, dropou
                                      kwargs.get("max_length_q"), kwargs.get("max_length_k"), causal=causal, **opts)
         return out.unsqueeze(0), None
 
-    if attention_mask is None:
-        if causal and 1 < sq < sk:  # empty StaticCache prefill: SDPA's top-left causal = the first Sq keys
-            k, v = k[:, :sq], v[:, :sq]
+    window = opts["window_size"]
+    valid = None if attention_mask is None else _validity(attention_mask, sq, sk, causal, window)
+    padded = valid is not None and not (bool(valid[0].all()) and bool(valid[1].all()))
+    # Without padding, read packing from position_ids: transformers builds the block-diagonal mask of packed
+    # position_ids only without a cache (some models, gpt-oss among them, never do); FlashAttention reads them too.
+    packed = None if padded else _packed(kwargs.get("position_ids"), b, sq, sk)
+    if attention_mask is not None and valid is None:  # ours only as the block-diagonal mask of that packing
+        seg_valid = None if packed is None else _validity(attention_mask, sq, sk, causal, window, seg=packed[0])
+        if seg_valid is None or not (bool(seg_valid[0].all()) and bool(seg_valid[1].all())):
+            raise NotImplementedError("trifa_attention: the attention mask is not a padding + causal/sliding-window "
+                                      "pattern, nor the block-diagonal mask of sequences packed via position_ids "
+                                      "(e.g. bidirectional blocks); use attn_implementation='sdpa' or 'eager' for "
+                                      "such masks")
+    elif packed is None and not padded:
+        if attention_mask is None and causal and 1 < sq < sk:  # empty StaticCache prefill: SDPA's top-left causal
+            k, v = k[:, :sq], v[:, :sq]  # = the first Sq keys
         return flash_attn_func(q, k, v, causal=causal, **opts), None
+    if packed is not None:
+        _, cu, max_len = packed
+        out = flash_attn_varlen_func(q.reshape(b * sq, h, -1), k.reshape(b * sk, k.shape[2], -1),
+                                     v.reshape(b * sk, v.shape[2], -1), cu, cu, max_len, max_len, causal=causal,
+                                     **opts)
+        return out.view(b, sq, h, -1), None
 
-    q_valid, kv_valid = _validity(attention_mask, sq, sk, causal, opts["window_size"])
-    q_valid, kv_valid = q_valid.expand(b, sq), kv_valid.expand(b, sk)
-    if bool(q_valid.all()) and bool(kv_valid.all()):
-        return flash_attn_func(q, k, v, causal=causal, **opts), None
+    q_valid, kv_valid = valid[0].expand(b, sq), valid[1].expand(b, sk)
     idx_q = q_valid.reshape(-1).nonzero().squeeze(1)
     idx_k = kv_valid.reshape(-1).nonzero().squeeze(1)
     len_q, len_k = q_valid.sum(1), kv_valid.sum(1)
@@ -148,11 +195,24 @@ def triflash_attention_forward(module, query, key, value, attention_mask, dropou
     return out.view(b, sq, h, -1), None
 
 
-def triflash_attention_mask(*args, **kwargs):
-    """Mask builder: transformers' SDPA mask (None for plain causal, else 4-D boolean), which the forward checks."""
-    from transformers.masking_utils import sdpa_mask
+def triflash_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                            attention_mask=None, **kwargs):
+    """Mask builder: transformers' SDPA mask (None for plain causal, else 4-D boolean), which the forward checks.
 
-    return sdpa_mask(*args, **kwargs)
+    The rows of padded queries are cleared as well: ``sdpa_mask`` masks padded keys only, so a right-padded query
+    row would attend the real tokens before it and look like a real query to the forward's pattern check.
+    """
+    from transformers.masking_utils import prepare_padding_mask, sdpa_mask
+
+    if mask_function is not None:
+        kwargs["mask_function"] = mask_function
+    mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+    if mask is None or attention_mask is None or attention_mask.dim() != 2:
+        return mask
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset).to(device=mask.device, dtype=torch.bool)
+    q_idx = (torch.arange(q_length, device=mask.device) + q_offset).clamp(max=padding.shape[-1] - 1)  # absolute
+    return mask & padding[:, q_idx][:, None, :, None]
 
 
 def register(name: str = DEFAULT_NAME) -> str:
