@@ -8,6 +8,7 @@ import torch
 from attn_check import check_against_ref
 
 from triflash import flash_attn_func
+from triflash.configs import AttnBwdConfig, AttnFwdConfig, use_configs
 
 DTYPES = [torch.float16, torch.bfloat16]
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dv)
@@ -116,3 +117,22 @@ def test_noncontiguous(device):
 def test_dense_gpu(shape, causal, dtype, device):
     q, k, v = make_qkv(shape, dtype, device, seed=sum(shape))
     check_against_ref(_dense_fn(causal=causal), dict(q=q, k=k, v=v), dict(causal=causal), ref_fp64=False)
+
+
+def test_sink_gradient_over_many_rows_bf16(device):
+    """dsink sums ~1200 rows of both signs: its row terms must not come from the bf16-rounded output.
+
+    The GPU fuzz tier's falsifying example (B=2, Sq=598, Sk=910, D=40, bf16): computed from the stored
+    output, dsink was off by 4.0e-5 against a bound of 1.5e-5 (3x the bf16 reference's error).
+    """
+    gen = torch.Generator().manual_seed(26)
+    t = dict(q=torch.randn(2, 598, 1, 40, generator=gen), k=torch.randn(2, 910, 1, 40, generator=gen),
+             v=torch.randn(2, 910, 1, 40, generator=gen))
+    t = {n: x.to(device, torch.bfloat16) for n, x in t.items()}
+    t["learnable_sink"] = torch.randn(1, generator=gen).to(device)
+
+    def fn(q, k, v, learnable_sink):
+        return flash_attn_func(q, k, v, learnable_sink=learnable_sink, return_lse=True)
+
+    with use_configs(fwd=AttnFwdConfig(64, 64, 4, 2), bwd=AttnBwdConfig(64, 64, 4, 2)):  # the H100's tiles
+        check_against_ref(fn, t, {})

@@ -63,3 +63,21 @@ def test_other_errors_are_not_swallowed(monkeypatch):
 ])
 def test_head_blocks(d, dv, expected):
     assert head_blocks(d, dv) == expected
+
+
+def test_config_rows_on_sm90(monkeypatch):
+    """Which table row an H100 gets (host logic, the arch faked): fp32 takes the small rows that fit."""
+    import torch
+
+    from triflash import configs
+
+    monkeypatch.setattr(configs, "_arch", lambda device: 90)
+    dev = torch.device("cpu")
+    fwd, bwd = configs.pick_attn_fwd_config, configs.pick_attn_bwd_config
+    assert fwd(dev, 128, 128, torch.bfloat16, False) == configs.AttnFwdConfig(128, 128, 8, 3)
+    assert fwd(dev, 40, 24, torch.bfloat16, False) == configs._SM90_SMALL_DIM_FWD
+    assert fwd(dev, 128, 128, torch.bfloat16, False, rows=8).block_m == 16  # decode rows shrink to the problem
+    assert fwd(dev, 256, 256, torch.float32, False) == configs.AttnFwdConfig(32, 32, 4, 1)
+    assert fwd(dev, 256, 256, torch.float32, False, rows=8) == configs.AttnFwdConfig(32, 32, 4, 1)
+    assert bwd(dev, 256, 256, torch.float32, False) == configs.AttnBwdConfig(16, 16, 4, 1)
+    assert bwd(dev, 128, 128, torch.float16, False) == configs.AttnBwdConfig(64, 64, 4, 2)

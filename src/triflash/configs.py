@@ -60,7 +60,10 @@ _BWD_TABLE = {
     90: [(64, AttnBwdConfig(64, 64, 4, 2)), (128, AttnBwdConfig(64, 64, 4, 2)),
          (256, AttnBwdConfig(64, 64, 8, 2))],
 }
-# Valid on any CUDA GPU with enough shared memory for the largest head dim.
+# Valid on any CUDA GPU with enough shared memory for the largest head dim; also the fp32 (testing) rows on
+# every GPU: the sm90 tables are sized for 2-byte tiles (fp32 at D=256 with the (128, 64) forward tile needs
+# more shared memory than an H100 has; the transformers GPU tier's fp32 Gemma2 D=256 tests failed or ran
+# past their time limit with it, H100, 2026-11-24).
 _FWD_FALLBACK = [(64, AttnFwdConfig(64, 64, 4, 2)), (128, AttnFwdConfig(64, 32, 4, 2)),
                  (256, AttnFwdConfig(32, 32, 4, 1)), (512, AttnFwdConfig(16, 32, 4, 1))]
 _BWD_FALLBACK = [(64, AttnBwdConfig(32, 32, 4, 1)), (128, AttnBwdConfig(32, 32, 4, 1)),
@@ -125,6 +128,8 @@ def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool, rows: int
     arch = _arch(device)
     if arch == 0:
         return _INTERP_FWD
+    if dtype == torch.float32:  # testing precision: 4-byte tiles take the small rows that fit everywhere
+        return _lookup(_FWD_FALLBACK, max(d, dv))
     if rows is not None and rows <= _DECODE_MAX_ROWS:
         cfg = _lookup(_DECODE_FWD, max(d, dv))
         return dataclasses.replace(cfg, block_m=max(16, min(cfg.block_m, _next_pow2(rows))))
@@ -187,6 +192,8 @@ def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool) -> AttnBw
     arch = _arch(device)
     if arch == 0:
         return _INTERP_BWD
+    if dtype == torch.float32:
+        return _lookup(_BWD_FALLBACK, max(d, dv))
     return _lookup(_BWD_TABLE.get(arch, _BWD_FALLBACK), max(d, dv))
 
 

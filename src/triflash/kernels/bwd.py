@@ -6,7 +6,8 @@ query block. Both recompute P from the saved LSE. No program writes what another
 gradients are bitwise reproducible whatever ``deterministic`` says.
 
 The LSE gradient folds into delta: ``dS = P * (dP - (rowsum(dO * O) - dLSE))``; the sink gradient
-is ``-sum_i exp(sink - lse_i) * delta_i`` (derivation in docs/design.md).
+is ``sum_i exp(sink - lse_i) * (dLSE_i - sum_j P_ij dP_ij)``, the row sum taken in fp32 in the dQ
+kernel rather than from the rounded output (derivation in docs/design.md).
 """
 
 import torch
@@ -45,13 +46,15 @@ def _attn_bwd_preprocess_kernel(
                  + offs_dv[None, :], mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     l_off = b64 * stride_lb + h64 * stride_lh + rows
+    dlse = tl.zeros([BLOCK_M], tl.float32)
     if HAS_DLSE:
-        delta -= tl.load(dlse_ptr + l_off, mask=row_ok, other=0.0)
-    tl.store(delta_ptr + l_off, delta, mask=row_ok)
+        dlse = tl.load(dlse_ptr + l_off, mask=row_ok, other=0.0)
+    tl.store(delta_ptr + l_off, delta - dlse, mask=row_ok)
     if HAS_SINK:
+        # The dLSE part of the row's sink gradient; the dQ kernel subtracts P_sink * sum_j P_ij dP_ij.
         lse = tl.load(lse_ptr + l_off, mask=row_ok, other=0.0)
         p_sink = tl.exp(tl.load(sink_ptr + h).to(tl.float32) - lse)
-        tl.store(dsink_rows_ptr + l_off, -p_sink * delta, mask=row_ok)
+        tl.store(dsink_rows_ptr + l_off, p_sink * dlse, mask=row_ok)
 
 
 @triton.jit
@@ -161,11 +164,11 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, start_n, end_n,
+def _dq_inner(dq, pdp, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, start_n, end_n,
               offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     PAD_D: tl.constexpr = offs_d.shape[0] != HEAD_DIM
     PAD_DV: tl.constexpr = offs_dv.shape[0] != HEAD_DIM_V
     d_ok = offs_d < HEAD_DIM
@@ -185,16 +188,18 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, start
         vt = _load_tile(v_base + keys[None, :] * stride_vs + offs_dv[:, None], n_ok[None, :], dv_ok[:, None],
                         MASKED, PAD_DV)  # [BLOCK_DV, BLOCK_N]
         dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+        if HAS_SINK:  # sum_j P_ij dP_ij = dO_i . O_i, in fp32 (the sink gradient's row term)
+            pdp += tl.sum(p * dp, 1)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=INPUT_PRECISION)
-    return dq
+    return dq, pdp
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, sink_ptr, dsink_rows_ptr,
     cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
@@ -204,7 +209,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr,
     HAS_SEQUSED_Q: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -242,15 +247,24 @@ def _attn_bwd_dq_kernel(
     v_base = v_ptr + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vs
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, lo, mid_lo, offs_m, offs_d,
-                   offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N, HEAD_DIM,
-                   HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, mid_lo, mid_hi, offs_m,
-                   offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N,
-                   HEAD_DIM, HEAD_DIM_V, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, mid_hi, hi, offs_m, offs_d,
-                   offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N, HEAD_DIM,
-                   HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
+    pdp = tl.zeros([BLOCK_M], tl.float32)
+    dq, pdp = _dq_inner(dq, pdp, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, lo, mid_lo, offs_m,
+                        offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N,
+                        HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_SINK, INPUT_PRECISION)
+    dq, pdp = _dq_inner(dq, pdp, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, mid_lo, mid_hi,
+                        offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off,
+                        BLOCK_N, HEAD_DIM, HEAD_DIM_V, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_SINK,
+                        INPUT_PRECISION)
+    dq, pdp = _dq_inner(dq, pdp, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, mid_hi, hi, offs_m,
+                        offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off, BLOCK_N,
+                        HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_SINK, INPUT_PRECISION)
+    if HAS_SINK:
+        # Row term of the sink gradient: P_sink * (dLSE - sum_j P_ij dP_ij), the sum in fp32 here rather
+        # than dO.O from the rounded output (a bf16 O cost ~1e-2 relative error on dsink after the rows'
+        # cancellation). The preprocess stored P_sink * dLSE; rows past seqlen_q have O = 0 and keep it.
+        p_sink = tl.math.exp2(tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634 - lse)
+        rows_term = tl.load(dsink_rows_ptr + l_off, mask=row_ok, other=0.0)
+        tl.store(dsink_rows_ptr + l_off, rows_term - p_sink * pdp, mask=row_ok)
     cap_ok = (offs_m < q_cap)[:, None]
     tl.store(dq_ptr + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
              (dq * softmax_scale).to(dq_ptr.dtype.element_ty), mask=cap_ok & (offs_d < HEAD_DIM)[None, :])
@@ -313,8 +327,9 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
     if max_seqlen_q > 0:
         launch(
             _attn_bwd_dq_kernel, (triton.cdiv(max_seqlen_q, cfg.block_m), nheads, batch),
-            q, k, v, do, lse, delta, dq, *seq_ptrs, *in_strides,
-            *_strides3(dq, varlen_q), stride_lb, stride_lh, *scalars, **common,
+            q, k, v, do, lse, delta, dq, sink if sink is not None else dummy,
+            dsink_rows if sink is not None else dummy, *seq_ptrs, *in_strides,
+            *_strides3(dq, varlen_q), stride_lb, stride_lh, *scalars, **common, HAS_SINK=sink is not None,
         )
     if sink is not None:
         dsink = dsink_rows.sum(dim=tuple(i for i in range(dsink_rows.dim()) if i != (0 if varlen_q else 1)))
