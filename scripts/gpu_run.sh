@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, compute-sanitizer cases, tuning and the benchmark, as asked.
-#   bash scripts/gpu_run.sh [fuzzdiag] [fuzzreplay] [configdiag] [tests] [fuzz] [sanitize] [tune] [bench-quick|bench]   (default: tests sanitize bench)
+#   bash scripts/gpu_run.sh [fuzzreplay] [configdiag] [tests] [fuzz] [sanitize] [tune] [bench-quick|bench]   (default: tests sanitize bench)
 # Logs and results go under $OUT (default ./out); a short summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -18,9 +18,6 @@ cat "$OUT/env.txt"
 for stage in "${stages[@]}"; do
   t0=$SECONDS
   case "$stage" in
-    fuzzdiag)  # random problems one by one with blocking launches; a fault is re-run under memcheck
-      CUDA_LAUNCH_BLOCKING=1 TIME_S=${FUZZDIAG_TIME_S:-150} timeout 420 python3 scripts/fuzz_diag.py \
-        > "$OUT/fuzzdiag.log" 2>&1; rc=$? ;;
     fuzzreplay)  # the GPU fuzz tier's examples one by one (blocking launches; a fault is re-run under memcheck)
       timeout 300 python3 scripts/fuzz_replay.py > "$OUT/fuzzreplay.log" 2>&1; rc=$? ;;
     tests)  # the GPU fuzz tier is its own stage, so that a fault there cannot take other tests down.
@@ -61,7 +58,6 @@ for stage in "${stages[@]}"; do
 done
 
 echo "---- tails"
-[ -f "$OUT/fuzzdiag.log" ] && tail -n 30 "$OUT/fuzzdiag.log"
 [ -f "$OUT/config_diag.log" ] && cat "$OUT/config_diag.log"
 [ -f "$OUT/fuzzreplay.log" ] && grep -E "WRONG|FAULT|memcheck|=====|examples" "$OUT/fuzzreplay.log" | head -n 40
 [ -f "$OUT/tests.log" ] && { grep -E "^\[gw.*(FAILED|ERROR)" "$OUT/tests.log" | head -n 40; tail -n 25 "$OUT/tests.log"; }

@@ -99,6 +99,8 @@ _early_env()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from triflash.bench.cli import parse_count, parse_seqlens  # noqa: E402  (lengths such as 64k, as triflash-bench)
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}
@@ -122,31 +124,14 @@ DEFAULTS = {
 
 # ----------------------------------------------------------------------------------------------- arguments
 
-def parse_len(text: str) -> int:
-    """``"64k"`` -> 65536, ``"512"`` -> 512."""
-    t = text.strip().lower()
-    mult = 1024 if t.endswith("k") else 1
-    try:
-        n = int(t[:-1] if mult > 1 else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a length like 4096 or 64k, got {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive length, got {text!r}")
-    return n
-
-
-def parse_lengths(text: str) -> list[int]:
-    return [parse_len(t) for t in text.split(",") if t.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--summarize", metavar="JSONL", help="print the table of a results file and exit")
     p.add_argument("--out", default="out/ring.jsonl", help="JSONL file that rank 0 appends rows to")
     p.add_argument("--cpu", action="store_true", help="gloo + CPU tensors through Triton's interpreter")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (for --cpu tests)")
-    p.add_argument("--lengths", type=parse_lengths, help="total sequence lengths (default 64k,128k,256k,512k)")
-    p.add_argument("--check-len", type=parse_len, help="total length of the full-reference check (default 8k)")
+    p.add_argument("--lengths", type=parse_seqlens, help="total sequence lengths (default 64k,128k,256k,512k)")
+    p.add_argument("--check-len", type=parse_count, help="total length of the full-reference check (default 8k)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, help="query heads (default 16)")
     p.add_argument("--kv-heads", type=int, help="kv heads (default 8)")
@@ -172,7 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, (gpu, smoke) in DEFAULTS.items():
         if getattr(args, name) is None:
             value = smoke if args.smoke else gpu
-            setattr(args, name, parse_lengths(value) if name == "lengths" else value)
+            setattr(args, name, parse_seqlens(value) if name == "lengths" else value)
     return args
 
 

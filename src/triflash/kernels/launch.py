@@ -30,12 +30,15 @@ def _build_key(kernel, num_warps, num_stages, args, kwargs):
 
 def launch(kernel, grid, *args, num_warps: int, num_stages: int, **kwargs):
     """``kernel[grid](*args, num_warps=..., num_stages=..., **kwargs)``, unpipelined if ptxas fails."""
-    key = _build_key(kernel, num_warps, num_stages, args, kwargs)
-    if num_stages > 1 and key not in _FAILED:
-        try:
-            return kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
-        except PTXASError:
-            _FAILED.add(key)
-            warnings.warn(f"triflash: ptxas failed to build {key[0]} with num_stages={num_stages} "
-                          f"({dict(key[3])}); using num_stages=1 for this build", RuntimeWarning, stacklevel=2)
-    return kernel[grid](*args, num_warps=num_warps, num_stages=1 if key in _FAILED else num_stages, **kwargs)
+    if num_stages > 1 and _FAILED and _build_key(kernel, num_warps, num_stages, args, kwargs) in _FAILED:
+        num_stages = 1  # a build ptxas failed on before: straight to the fallback
+    try:
+        return kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+    except PTXASError:
+        if num_stages == 1:
+            raise
+        key = _build_key(kernel, num_warps, num_stages, args, kwargs)
+        _FAILED.add(key)
+        warnings.warn(f"triflash: ptxas failed to build {key[0]} with num_stages={num_stages} "
+                      f"({dict(key[3])}); using num_stages=1 for this build", RuntimeWarning, stacklevel=2)
+    return kernel[grid](*args, num_warps=num_warps, num_stages=1, **kwargs)
