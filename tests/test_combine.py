@@ -163,14 +163,10 @@ def test_auto_splits():
     from triflash.configs import pick_num_splits
 
     cpu = torch.device("cpu")  # counts as 132 SMs
-    # contiguous: about one program per SM (132 here), rounded down to a power of two
+    # about one program per SM (132 here), rounded down to a power of two; paged caches alike
     assert pick_num_splits(cpu, programs=8, max_seqlen_k=65536, block_n=128) == 16
     assert pick_num_splits(cpu, programs=128, max_seqlen_k=8192, block_n=128) == 2
     assert pick_num_splits(cpu, programs=512, max_seqlen_k=8192, block_n=128) == 1
     assert pick_num_splits(cpu, programs=8, max_seqlen_k=300, block_n=32) == 2  # >= 4 key blocks per split
     assert pick_num_splits(cpu, programs=8, max_seqlen_k=200, block_n=32) == 1
     assert pick_num_splits(cpu, programs=1, max_seqlen_k=2**20, block_n=64) == 128
-    # paged: about two programs per SM
-    assert pick_num_splits(cpu, programs=8, max_seqlen_k=65536, block_n=128, paged=True) == 32
-    assert pick_num_splits(cpu, programs=128, max_seqlen_k=8192, block_n=128, paged=True) == 2
-    assert pick_num_splits(cpu, programs=1024, max_seqlen_k=4096, block_n=128, paged=True) == 1

@@ -361,7 +361,13 @@ def test_dropout_falls_back_to_previous_kernel_and_restore_gives_it_back(monkeyp
     lib = torch.library.Library("aten", "IMPL")
     lib.impl("_scaled_dot_product_flash_attention", previous, "CPU")
     try:
-        sdpa.register(devices=("cpu",))
+        try:
+            sdpa.register(devices=("cpu",))
+        except RuntimeError as exc:  # torch 2.11's CUDA build: one Python kernel per op and dispatch key
+            if "already a kernel registered from python" not in str(exc):
+                raise
+            pytest.skip("this torch refuses a second Python kernel for one op and key, so the stand-in cannot "
+                        "play torch's kernel; test_gpu_dropout_runs_torch_kernel checks the path on the GPU")
         try:
             op(q, q, q, 0.5, False)
             assert seen == [0.5]

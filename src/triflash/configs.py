@@ -71,27 +71,35 @@ _BWD_FALLBACK = [(64, AttnBwdConfig(32, 32, 4, 1)), (128, AttnBwdConfig(32, 32, 
 
 
 # Decode (at most _DECODE_MAX_ROWS query rows per program, e.g. Sq=1 with pack_gqa): the tile's rows
-# shrink to the problem (>= 16 for tl.dot), the key blocks stay long. D<=128 row: H100 80GB HBM3,
-# 2026-11-24, CUDA-graph replays of flash_attn_with_kvcache forced through use_configs (block_n 32..256,
-# 4/8 warps, 2..4 stages; H=32 Hk=8 D=128 bf16, (B, Sk) = (1, 64k), (16, 8k), (64, 8k), contiguous and
-# 16-token pages): block_n 128, 4 warps, 2 stages was within 5% of the best at (1, 64k) and (64, 8k)
-# paged; then `triflash-bench decode` (num_splits auto, TB/s over K+V, contiguous / paged16 / paged64 /
-# cuDNN): (1, 64k) 2.43/2.30/2.30/2.84, (16, 8k) 2.77/2.45/2.48/3.01, (64, 8k) 2.81/3.00/3.02/3.09,
-# (128, 4k) 3.06/2.99/3.02/3.08 (block_n 64 had paged (64, 8k) at 2.41). Other rows: untimed guesses.
+# shrink to the problem (>= 16 for tl.dot), the key blocks stay long. Three tables: split programs (few,
+# long-running: one per SM), unsplit ones over a contiguous cache, unsplit ones over a paged cache.
+# D<=128 rows: H100 80GB HBM3, 2026-11-24, `scripts/decode_configs.py` (forced configs, CUDA-graph
+# replays; H=32 Hk=8 D=128 bf16; TB/s over K+V, contiguous / paged16 / paged64), kernel with the
+# page-table prefetch:
+#   (1, 64k), 16 splits: 64x3 2.71/2.36/2.49, 128x2 2.62/2.06/2.10, 128x3 2.64/2.23/2.37;
+#   (1, 64k), 32 splits: best of any config 2.51/2.35/2.36 (so one program per SM, paged too);
+#   (16, 8k), 2 splits: 64x3 2.93/2.83/2.82, 128x2 2.92/2.82/2.85;
+#   (64, 8k), unsplit: contiguous 128x3 3.10 (128x2 2.81); paged 128x2 3.00/3.02 (128x3 2.86/2.97);
+#   (128, 4k), unsplit: contiguous 128x3 3.10 (128x2 3.05); paged 128x2 3.01/3.01 (128x3 2.79/2.90).
+# Before the prefetch (page ids loaded in the same iteration as the K/V copies they address), 64x3
+# paged at (1, 64k) / 16 splits ran at 1.52/1.57. Other head-dim rows: untimed guesses.
 _DECODE_MAX_ROWS = 64
-_DECODE_FWD = [(64, AttnFwdConfig(64, 128, 4, 3)), (128, AttnFwdConfig(64, 128, 4, 2)),
+_DECODE_FWD_SPLIT = [(64, AttnFwdConfig(64, 64, 4, 3)), (128, AttnFwdConfig(64, 64, 4, 3)),
+                     (256, AttnFwdConfig(64, 64, 4, 2)), (512, AttnFwdConfig(32, 32, 4, 2))]
+_DECODE_FWD = [(64, AttnFwdConfig(64, 128, 4, 3)), (128, AttnFwdConfig(64, 128, 4, 3)),
                (256, AttnFwdConfig(64, 64, 4, 2)), (512, AttnFwdConfig(32, 32, 4, 2))]
-# num_splits=0: programs per SM to aim for (contiguous, paged KV), and the fewest key blocks a split may
-# get. Measured on an H100 80GB HBM3, 2026-11-24 (`triflash-bench decode --num-splits 0,1,2,3,4,8,16,32,64`,
-# H=32 Hk=8 D=128 bf16, TB/s over K+V; contiguous / paged16 / paged64 at the split count shown):
+_DECODE_FWD_PAGED = [(64, AttnFwdConfig(64, 128, 4, 3)), (128, AttnFwdConfig(64, 128, 4, 2)),
+                     (256, AttnFwdConfig(64, 64, 4, 2)), (512, AttnFwdConfig(32, 32, 4, 2))]
+# num_splits=0: programs per SM to aim for, and the fewest key blocks a split may get. Measured on an
+# H100 80GB HBM3, 2026-11-24 (`triflash-bench decode --num-splits 0,1,2,3,4,8,16,32,64`, H=32 Hk=8 D=128
+# bf16, TB/s over K+V; contiguous / paged16 / paged64 at the split count shown), before the prefetch:
 #   (B, Sk) = (1, 64k): 16 splits 2.63/2.10/2.17, 32 splits 2.46/2.35/2.35, 33 (the old 2-wave pick)
 #   2.45/2.29/2.30; (16, 8k): 2 splits 2.93/2.84/2.85, 3 splits 2.79/2.43/2.46, 4 splits 2.88/2.72/2.72;
 #   (64, 8k) and (128, 4k): 1 split within 3% of the best of any count.
-# Contiguous caches peak near one program per SM, paged ones (a dependent page-table load per block)
-# want twice as many programs in flight; split counts that are not powers of two lost 5-15% against
+# Paged caches then wanted two programs per SM; with the page-table prefetch and the split rows above one
+# is enough for both (see the decode rows). Split counts that are not powers of two lost 5-15% against
 # the power of two below them, so the count is rounded down to one.
 _SPLIT_WAVES = 1
-_SPLIT_WAVES_PAGED = 2
 _SPLIT_MIN_BLOCKS = 4
 
 
@@ -117,11 +125,13 @@ def use_configs(**configs):
         _OVERRIDE.update(saved)
 
 
-def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool, rows: int | None = None) -> AttnFwdConfig:
+def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool, rows: int | None = None, *,
+                         paged: bool = False, split: bool = False) -> AttnFwdConfig:
     """The forward tile config for this device and problem.
 
     ``rows`` is the longest query tile a program needs (``max_seqlen_q``, times the GQA group with
-    pack_gqa); at most ``_DECODE_MAX_ROWS`` selects the decode rows (short tiles, more programs per SM).
+    pack_gqa); at most ``_DECODE_MAX_ROWS`` selects the decode rows (short tiles, more programs per SM),
+    from the table for split programs (``split``), paged caches (``paged``) or contiguous ones.
     """
     if "fwd" in _OVERRIDE:
         return _OVERRIDE["fwd"]
@@ -131,7 +141,8 @@ def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool, rows: int
     if dtype == torch.float32:  # testing precision: 4-byte tiles take the small rows that fit everywhere
         return _lookup(_FWD_FALLBACK, max(d, dv))
     if rows is not None and rows <= _DECODE_MAX_ROWS:
-        cfg = _lookup(_DECODE_FWD, max(d, dv))
+        table = _DECODE_FWD_SPLIT if split else (_DECODE_FWD_PAGED if paged else _DECODE_FWD)
+        cfg = _lookup(table, max(d, dv))
         return dataclasses.replace(cfg, block_m=max(16, min(cfg.block_m, _next_pow2(rows))))
     if arch == 90 and min(d, dv) < 64:
         return _SM90_SMALL_DIM_FWD
@@ -168,17 +179,16 @@ def sm_count(device) -> int:
     return _SM_COUNT[index]
 
 
-def pick_num_splits(device, programs: int, max_seqlen_k: int, block_n: int, max_splits: int = 128,
-                    paged: bool = False) -> int:
+def pick_num_splits(device, programs: int, max_seqlen_k: int, block_n: int, max_splits: int = 128) -> int:
     """``num_splits=0``: how many parts to split each query tile's keys into (host sizes only, no sync).
 
     Split only when the ``programs`` (query tiles x heads x sequences) fill less than
-    ``_SPLIT_WAVES`` (``_SPLIT_WAVES_PAGED`` with a page table) programs per SM, into as many parts as
-    fill them, rounded down to a power of two, keeping at least ``_SPLIT_MIN_BLOCKS`` key blocks per part.
+    ``_SPLIT_WAVES`` programs per SM (contiguous and paged caches alike), into as many parts as fill them,
+    rounded down to a power of two, keeping at least ``_SPLIT_MIN_BLOCKS`` key blocks per part.
     """
     sms = sm_count(device)
     n_blocks = -(-max_seqlen_k // block_n)
-    target = (_SPLIT_WAVES_PAGED if paged else _SPLIT_WAVES) * sms
+    target = _SPLIT_WAVES * sms
     if programs <= 0 or programs >= target or n_blocks < 2 * _SPLIT_MIN_BLOCKS:
         return 1
     splits = max(1, min(-(-target // programs), n_blocks // _SPLIT_MIN_BLOCKS, max_splits))

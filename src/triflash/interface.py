@@ -281,8 +281,7 @@ def _check_softmax_args(causal, window_size, softmax_scale, d, softcap):
     return left, right, scale, softcap
 
 
-def _plan(q, nheads_k, dv, batch, max_seqlen_q, max_seqlen_k, window_right, num_splits, pack_gqa, needs_grad,
-          paged=False):
+def _plan(q, nheads_k, dv, batch, max_seqlen_q, max_seqlen_k, window_right, num_splits, pack_gqa, needs_grad):
     """Host-only launch choices ``(num_splits, pack_gqa)``; no device sync, so CUDA graphs can capture it.
 
     Both are forward-only: with gradients the forward runs unsplit and unpacked (same results up to
@@ -300,9 +299,9 @@ def _plan(q, nheads_k, dv, batch, max_seqlen_q, max_seqlen_k, window_right, num_
         pack = pack_gqa and group > 1
     if num_splits == 0:
         rows = max_seqlen_q * (group if pack else 1)
-        cfg = pick_attn_fwd_config(q.device, d, dv, q.dtype, window_right is not None, rows=rows)
+        cfg = pick_attn_fwd_config(q.device, d, dv, q.dtype, window_right is not None, rows=rows, split=True)
         programs = -(-rows // cfg.block_m) * (nheads_k if pack else nheads) * batch
-        num_splits = pick_num_splits(q.device, programs, max_seqlen_k, cfg.block_n, paged=paged)
+        num_splits = pick_num_splits(q.device, programs, max_seqlen_k, cfg.block_n)
     return num_splits, bool(pack)
 
 
@@ -327,8 +326,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         softmax_scale, window_size, causal, softcap, learnable_sink, out)
     needs_grad = _needs_grad(q, k, v, learnable_sink)
     batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
-    splits, pack = _plan(q, k.shape[-2], v.shape[-1], batch, max_q, max_k, right, num_splits, pack_gqa, needs_grad,
-                         paged=page_table is not None)
+    splits, pack = _plan(q, k.shape[-2], v.shape[-1], batch, max_q, max_k, right, num_splits, pack_gqa, needs_grad)
     args = (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, None, None, max_q, max_k, scale, left,
             right, softcap, learnable_sink, splits, pack)
     if out is not None and not needs_grad:

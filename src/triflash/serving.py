@@ -230,8 +230,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         seqused_k = None
         if cache_seqlens is not None:
             seqused_k = cache_seqlens + k.shape[1] if k is not None else cache_seqlens
-        splits, pack = _plan(q, k_cache.shape[-2], dv, batch, max_q, capacity, right, num_splits, pack_gqa, False,
-                             paged=page_table is not None)
+        splits, pack = _plan(q, k_cache.shape[-2], dv, batch, max_q, capacity, right, num_splits, pack_gqa, False)
         args = (cu_seqlens_q, None, None, seqused_k, page_table, cache_batch_idx, cache_leftpad, max_q, capacity,
                 scale, left, right, softcap, learnable_sink, splits, pack)
         if out is not None:

@@ -12,7 +12,7 @@ import triton.language as tl
 from ..configs import pick_attn_fwd_config
 from .combine import attn_combine
 from .launch import launch
-from .masking import _block_range, _kv_rows, _load_tile, _rows_range, _score_mask, _seq_info, _split_range
+from .masking import _block_range, _kv_rows, _load_tile, _page_ids, _rows_range, _score_mask, _seq_info, _split_range
 from .softmax import _online_softmax, _scores_log2, _softmax_finish
 
 LOG2E = 1.4426950408889634
@@ -30,14 +30,27 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kp, stride_ks, stride_vp
     dv_ok = offs_dv < HEAD_DIM_V
     PAD_D: tl.constexpr = offs_d.shape[0] != HEAD_DIM
     PAD_DV: tl.constexpr = offs_dv.shape[0] != HEAD_DIM_V
+    page = tl.zeros([BLOCK_N], tl.int64)
+    if PAGED_KV:
+        # The first block's page ids; each iteration then reads the next block's, so the page-table load is
+        # not in the chain of the K/V copies it addresses. Every key that exists gets its real page (a block
+        # may reach past end_n: those keys are masked in the scores, but 0 * a poisoned value is NaN).
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        page = _page_ids(offs_n, offs_n < seqlen_k, tok0, page_row_ptr, page_size, num_pages)
     for start in tl.range(start_n, end_n, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen_k
-        k_rows, v_rows = _kv_rows(offs_n, n_ok, tok0, page_row_ptr, page_size, num_pages, stride_kp, stride_ks,
-                                  stride_vp, stride_vs, PAGED_KV, MASKED)
-        kt = _load_tile(k_base + k_rows[None, :] + offs_d[:, None],
-                        n_ok[None, :], d_ok[:, None], MASKED, PAD_D)  # [BLOCK_D, BLOCK_N]
-        s, _ = _scores_log2(tl.dot(q, kt, input_precision=INPUT_PRECISION), qk_scale, softcap_scale,
+        k_rows, v_rows = _kv_rows(offs_n, page, tok0, page_size, stride_kp, stride_ks, stride_vp, stride_vs,
+                                  PAGED_KV)
+        if PAGED_KV:
+            offs_next = offs_n + BLOCK_N
+            page = _page_ids(offs_next, offs_next < seqlen_k, tok0, page_row_ptr, page_size, num_pages)
+        # K is loaded in V's orientation ([BLOCK_N, BLOCK_D]) and transposed in shared memory by the dot, so
+        # both tiles take their row offsets in one register layout (a paged block's page ids are then
+        # moved between layouts once, not twice).
+        k = _load_tile(k_base + k_rows[:, None] + offs_d[None, :],
+                       n_ok[:, None], d_ok[None, :], MASKED, PAD_D)  # [BLOCK_N, BLOCK_D]
+        s, _ = _scores_log2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale, softcap_scale,
                             HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
         if MASKED:
             visible = _score_mask(offs_q, offs_n, seqlen_q, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
@@ -234,7 +247,8 @@ def attn_fwd(q, k, v, out, lse, *, cu_seqlens_q, cu_seqlens_k, seqused_q, sequse
         return
     group = nheads // nheads_k
     rows = max_seqlen_q * (group if pack_gqa else 1)
-    cfg = pick_attn_fwd_config(q.device, d, dv, q.dtype, window_right is not None, rows=rows)
+    cfg = pick_attn_fwd_config(q.device, d, dv, q.dtype, window_right is not None, rows=rows, paged=paged,
+                               split=num_splits > 1)
     qk_scale, softcap_scale = softmax_args(softmax_scale, softcap)
     left, right, has_left, has_right = window_args(window_left, window_right)
     if paged:

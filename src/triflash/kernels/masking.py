@@ -98,24 +98,26 @@ def _split_range(lo, mid_lo, mid_hi, hi, split, num_splits, BLOCK_INNER: tl.cons
 
 
 @triton.jit
-def _kv_rows(offs_n, n_ok, tok0, page_row_ptr, page_size, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
-             PAGED: tl.constexpr, MASKED: tl.constexpr):
+def _page_ids(offs_n, ok, tok0, page_row_ptr, page_size, num_pages):
+    """int64 page ids of keys ``tok0 + offs_n``, read from the page table only where ``ok``.
+
+    Entries past the sequence's last page are never touched; ids are clamped to [0, num_pages) so a bad
+    table cannot address memory outside the cache.
+    """
+    page = tl.load(page_row_ptr + (tok0 + offs_n) // page_size, mask=ok, other=0)
+    return tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+
+
+@triton.jit
+def _kv_rows(offs_n, page, tok0, page_size, stride_kp, stride_ks, stride_vp, stride_vs, PAGED: tl.constexpr):
     """int64 element offsets of key rows ``offs_n`` in k and in v: ``([BLOCK_N], [BLOCK_N])``.
 
     Dense: row t is at ``t * stride_s`` (the caller's base already points at the sequence). Paged:
-    key ``t = tok0 + offs_n`` lives at ``cache[page_table[t // page_size], t % page_size]``. The page
-    table is read only for keys that exist (``n_ok`` when MASKED), so entries past the sequence's last
-    page are never touched; page ids are clamped to [0, num_pages) so a bad table cannot address
-    memory outside the cache.
+    key ``t = tok0 + offs_n`` lives at ``cache[page, t % page_size]`` with ``page`` from ``_page_ids``
+    (read a block ahead by the caller, so the page-table load does not stall the K/V loads behind it).
     """
     if PAGED:
-        tok = tok0 + offs_n
-        if MASKED:
-            page = tl.load(page_row_ptr + tok // page_size, mask=n_ok, other=0)
-        else:
-            page = tl.load(page_row_ptr + tok // page_size)
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-        slot = (tok % page_size).to(tl.int64)
+        slot = ((tok0 + offs_n) % page_size).to(tl.int64)
         return page * stride_kp + slot * stride_ks, page * stride_vp + slot * stride_vs
     else:
         rows = offs_n.to(tl.int64)
