@@ -33,3 +33,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _release_cuda_cache():
+    """On a GPU, give cached blocks back after each test: pytest-xdist workers share one device, and a
+    worker's idle cache (20+ GiB after the 128k paged tests) must not starve the >2^31-element tests."""
+    yield
+    if HAS_CUDA:
+        torch.cuda.empty_cache()
