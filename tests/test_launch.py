@@ -77,10 +77,12 @@ def test_config_rows_on_sm90(monkeypatch):
     assert fwd(dev, 128, 128, torch.bfloat16, False) == configs.AttnFwdConfig(128, 128, 8, 3)
     assert fwd(dev, 40, 24, torch.bfloat16, False) == configs._SM90_SMALL_DIM_FWD
     assert fwd(dev, 128, 128, torch.bfloat16, False, rows=8).block_m == 16  # decode rows shrink to the problem
-    # decode: split programs, unsplit over a contiguous cache, unsplit over a paged one (three tables)
+    # decode: split programs over a contiguous cache, over a paged one, unsplit programs (three tables)
     assert fwd(dev, 128, 128, torch.bfloat16, False, rows=4, split=True) == configs.AttnFwdConfig(16, 64, 4, 3)
     assert fwd(dev, 128, 128, torch.bfloat16, False, rows=4) == configs.AttnFwdConfig(16, 128, 4, 3)
-    assert fwd(dev, 128, 128, torch.bfloat16, False, rows=4, paged=True) == configs.AttnFwdConfig(16, 128, 4, 2)
+    assert fwd(dev, 128, 128, torch.bfloat16, False, rows=4, paged=True) == configs.AttnFwdConfig(16, 128, 4, 3)
+    split_paged = fwd(dev, 128, 128, torch.bfloat16, False, rows=4, paged=True, split=True)
+    assert split_paged == configs.AttnFwdConfig(16, 128, 4, 3)
     assert fwd(dev, 256, 256, torch.float32, False) == configs.AttnFwdConfig(32, 32, 4, 1)
     assert fwd(dev, 256, 256, torch.float32, False, rows=8) == configs.AttnFwdConfig(32, 32, 4, 1)
     assert bwd(dev, 256, 256, torch.float32, False) == configs.AttnBwdConfig(16, 16, 4, 1)

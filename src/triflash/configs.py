@@ -71,25 +71,24 @@ _BWD_FALLBACK = [(64, AttnBwdConfig(32, 32, 4, 1)), (128, AttnBwdConfig(32, 32, 
 
 
 # Decode (at most _DECODE_MAX_ROWS query rows per program, e.g. Sq=1 with pack_gqa): the tile's rows
-# shrink to the problem (>= 16 for tl.dot), the key blocks stay long. Three tables: split programs (few,
-# long-running: one per SM), unsplit ones over a contiguous cache, unsplit ones over a paged cache.
-# D<=128 rows: H100 80GB HBM3, 2026-11-24, `scripts/decode_configs.py` (forced configs, CUDA-graph
-# replays; H=32 Hk=8 D=128 bf16; TB/s over K+V, contiguous / paged16 / paged64), kernel with the
-# page-table prefetch:
-#   (1, 64k), 16 splits: 64x3 2.71/2.36/2.49, 128x2 2.62/2.06/2.10, 128x3 2.64/2.23/2.37;
-#   (1, 64k), 32 splits: best of any config 2.51/2.35/2.36 (so one program per SM, paged too);
-#   (16, 8k), 2 splits: 64x3 2.93/2.83/2.82, 128x2 2.92/2.82/2.85;
-#   (64, 8k), unsplit: contiguous 128x3 3.10 (128x2 2.81); paged 128x2 3.00/3.02 (128x3 2.86/2.97);
-#   (128, 4k), unsplit: contiguous 128x3 3.10 (128x2 3.05); paged 128x2 3.01/3.01 (128x3 2.79/2.90).
-# Before the prefetch (page ids loaded in the same iteration as the K/V copies they address), 64x3
-# paged at (1, 64k) / 16 splits ran at 1.52/1.57. Other head-dim rows: untimed guesses.
+# shrink to the problem (>= 16 for tl.dot), the key blocks stay long. Three tables: split programs over a
+# contiguous cache (few, long-running: one per SM), split programs over a paged cache, unsplit programs.
+# D<=128 rows: H100 80GB HBM3, 2026-11-24 evening, `scripts/decode_configs.py` (forced configs, CUDA-graph
+# replays; H=32 Hk=8 D=128 bf16; TB/s over K+V, contiguous / paged16 / paged64), kernel with 32-bit paged
+# row offsets and shift/mask page math (the paged loop down from 751 to 428 SASS instructions, the
+# contiguous loop's count; docs/performance.md):
+#   (1, 64k), 16 splits: 64x3 2.70/2.55/2.62, 128x3 2.62/2.60/2.61, 128x2 2.62/2.48/2.54, 64x4 2.64/2.52/2.60;
+#   (16, 8k), auto: 64x3 2.93/2.85/2.89, 128x2 2.92/2.87/2.90, 128x3 2.87/2.84/2.86;
+#   (64, 8k), unsplit: 128x3 3.08/3.02/3.02, 64x4 3.06/3.02/3.02, 128x2 2.82/2.90/2.86;
+#   (128, 4k), unsplit: 128x3 3.09/2.99/3.05, 64x4 3.06/3.01/3.02, 128x2 2.89/2.98/2.89.
+# (8-warp tiles were no faster anywhere.) Other head-dim rows: untimed guesses.
 _DECODE_MAX_ROWS = 64
 _DECODE_FWD_SPLIT = [(64, AttnFwdConfig(64, 64, 4, 3)), (128, AttnFwdConfig(64, 64, 4, 3)),
                      (256, AttnFwdConfig(64, 64, 4, 2)), (512, AttnFwdConfig(32, 32, 4, 2))]
+_DECODE_FWD_SPLIT_PAGED = [(64, AttnFwdConfig(64, 128, 4, 3)), (128, AttnFwdConfig(64, 128, 4, 3)),
+                           (256, AttnFwdConfig(64, 64, 4, 2)), (512, AttnFwdConfig(32, 32, 4, 2))]
 _DECODE_FWD = [(64, AttnFwdConfig(64, 128, 4, 3)), (128, AttnFwdConfig(64, 128, 4, 3)),
                (256, AttnFwdConfig(64, 64, 4, 2)), (512, AttnFwdConfig(32, 32, 4, 2))]
-_DECODE_FWD_PAGED = [(64, AttnFwdConfig(64, 128, 4, 3)), (128, AttnFwdConfig(64, 128, 4, 2)),
-                     (256, AttnFwdConfig(64, 64, 4, 2)), (512, AttnFwdConfig(32, 32, 4, 2))]
 # num_splits=0: programs per SM to aim for, and the fewest key blocks a split may get. Measured on an
 # H100 80GB HBM3, 2026-11-24 (`triflash-bench decode --num-splits 0,1,2,3,4,8,16,32,64`, H=32 Hk=8 D=128
 # bf16, TB/s over K+V; contiguous / paged16 / paged64 at the split count shown), before the prefetch:
@@ -131,7 +130,7 @@ def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool, rows: int
 
     ``rows`` is the longest query tile a program needs (``max_seqlen_q``, times the GQA group with
     pack_gqa); at most ``_DECODE_MAX_ROWS`` selects the decode rows (short tiles, more programs per SM),
-    from the table for split programs (``split``), paged caches (``paged``) or contiguous ones.
+    from the table for split programs over a contiguous or a paged (``paged``) cache, or unsplit ones.
     """
     if "fwd" in _OVERRIDE:
         return _OVERRIDE["fwd"]
@@ -141,7 +140,7 @@ def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool, rows: int
     if dtype == torch.float32:  # testing precision: 4-byte tiles take the small rows that fit everywhere
         return _lookup(_FWD_FALLBACK, max(d, dv))
     if rows is not None and rows <= _DECODE_MAX_ROWS:
-        table = _DECODE_FWD_SPLIT if split else (_DECODE_FWD_PAGED if paged else _DECODE_FWD)
+        table = (_DECODE_FWD_SPLIT_PAGED if paged else _DECODE_FWD_SPLIT) if split else _DECODE_FWD
         cfg = _lookup(table, max(d, dv))
         return dataclasses.replace(cfg, block_m=max(16, min(cfg.block_m, _next_pow2(rows))))
     if arch == 90 and min(d, dv) < 64:

@@ -21,30 +21,33 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kp, stride_ks, stride_vp, stride_vs,
-               page_row_ptr, page_size, num_pages, tok0, start_n, end_n,
+               page_row_ptr, page_size, page_shift, num_pages, tok0, start_n, end_n,
                offs_q, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale, lo_off, hi_off,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-               MASKED: tl.constexpr, PAGED_KV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+               MASKED: tl.constexpr, PAGED_KV: tl.constexpr, PAGE_POW2: tl.constexpr, IDX64: tl.constexpr,
+               SAME_KV_STRIDES: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
     PAD_D: tl.constexpr = offs_d.shape[0] != HEAD_DIM
     PAD_DV: tl.constexpr = offs_dv.shape[0] != HEAD_DIM_V
-    page = tl.zeros([BLOCK_N], tl.int64)
+    page = tl.zeros([BLOCK_N], tl.int32)
     if PAGED_KV:
         # The first block's page ids; each iteration then reads the next block's, so the page-table load is
         # not in the chain of the K/V copies it addresses. Every key that exists gets its real page (a block
         # may reach past end_n: those keys are masked in the scores, but 0 * a poisoned value is NaN).
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        page = _page_ids(offs_n, offs_n < seqlen_k, tok0, page_row_ptr, page_size, num_pages)
+        page = _page_ids(offs_n, offs_n < seqlen_k, tok0, page_row_ptr, page_size, page_shift, num_pages,
+                         PAGE_POW2)
     for start in tl.range(start_n, end_n, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen_k
         k_rows, v_rows = _kv_rows(offs_n, page, tok0, page_size, stride_kp, stride_ks, stride_vp, stride_vs,
-                                  PAGED_KV)
+                                  PAGED_KV, PAGE_POW2, IDX64, SAME_KV_STRIDES)
         if PAGED_KV:
             offs_next = offs_n + BLOCK_N
-            page = _page_ids(offs_next, offs_next < seqlen_k, tok0, page_row_ptr, page_size, num_pages)
+            page = _page_ids(offs_next, offs_next < seqlen_k, tok0, page_row_ptr, page_size, page_shift,
+                             num_pages, PAGE_POW2)
         # K is loaded in V's orientation ([BLOCK_N, BLOCK_D]) and transposed in shared memory by the dot, so
         # both tiles take their row offsets in one register layout (a paged block's page ids are then
         # moved between layouts once, not twice).
@@ -69,13 +72,14 @@ def _attn_fwd_kernel(
     cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx, leftpad_k,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_o_split, stride_ob, stride_os, stride_oh, stride_l_split, stride_lb, stride_ls, stride_lh, stride_ptb,
-    seqlen_q_pad, seqlen_k_pad, group_size, num_splits, page_size, num_kv_rows,
+    seqlen_q_pad, seqlen_k_pad, group_size, num_splits, page_size, page_shift, num_kv_rows,
     qk_scale, softcap_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr,
     HAS_SEQUSED_Q: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
-    PAGED_KV: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    PAGED_KV: tl.constexpr, PAGE_POW2: tl.constexpr, IDX64: tl.constexpr, SAME_KV_STRIDES: tl.constexpr,
+    HAS_KV_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     IS_SPLIT: tl.constexpr, PACK_GQA: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -114,8 +118,10 @@ def _attn_fwd_kernel(
         rows_len = seqlen_q * group_size
         first = m_start // group_size
         last = (tl.minimum(m_start + BLOCK_M, rows_len) - 1) // group_size
-        lo, mid_lo, mid_hi, hi = _rows_range(first, last, m_start + BLOCK_M <= rows_len, seqlen_k, lo_off,
-                                             hi_off, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        # A tile's padding rows (past rows_len: a decode tile is mostly padding) load q = 0 and are never
+        # stored, so the tile counts as full: the keys every valid row sees run mask-free.
+        lo, mid_lo, mid_hi, hi = _rows_range(first, last, first <= last, seqlen_k, lo_off, hi_off, BLOCK_N,
+                                             HAS_LEFT, HAS_RIGHT)
         offs_q = offs_m // group_size
         heads = (h * group_size + offs_m % group_size).to(tl.int64)  # [BLOCK_M]
         hk64 = h.to(tl.int64)
@@ -154,20 +160,20 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kb, stride_ks, stride_vb, stride_vs,
-                               page_row, page_size, num_kv_rows, tok0, lo, mid_lo,
+                               page_row, page_size, page_shift, num_kv_rows, tok0, lo, mid_lo,
                                offs_q, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, PAGED_KV, HAS_LEFT,
-                               HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
+                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, PAGED_KV, PAGE_POW2, IDX64,
+                               SAME_KV_STRIDES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kb, stride_ks, stride_vb, stride_vs,
-                               page_row, page_size, num_kv_rows, tok0, mid_lo, mid_hi,
+                               page_row, page_size, page_shift, num_kv_rows, tok0, mid_lo, mid_hi,
                                offs_q, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, False, PAGED_KV, HAS_LEFT,
-                               HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
+                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, False, PAGED_KV, PAGE_POW2, IDX64,
+                               SAME_KV_STRIDES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kb, stride_ks, stride_vb, stride_vs,
-                               page_row, page_size, num_kv_rows, tok0, mid_hi, hi,
+                               page_row, page_size, page_shift, num_kv_rows, tok0, mid_hi, hi,
                                offs_q, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, PAGED_KV, HAS_LEFT,
-                               HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
+                               lo_off, hi_off, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, PAGED_KV, PAGE_POW2, IDX64,
+                               SAME_KV_STRIDES, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION)
 
     out, lse = _softmax_finish(acc, l_i, m_i, sink_ptr, heads, HAS_SINK)  # per split when splitting
 
@@ -283,13 +289,16 @@ def attn_fwd(q, k, v, out, lse, *, cu_seqlens_q, cu_seqlens_k, seqused_q, sequse
         leftpad_k if leftpad_k is not None else dummy,
         *_strides3(q, varlen_q), *k_strides, *v_strides, *o_strides, *l_strides,
         page_table.stride(0) if paged else 0,
-        q.shape[1] if not varlen_q else 0, seqlen_k_pad, group, num_splits, page_size, k.shape[0],
+        q.shape[1] if not varlen_q else 0, seqlen_k_pad, group, num_splits, page_size, page_size.bit_length() - 1,
+        k.shape[0],
         qk_scale, softcap_scale, left, right,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k,
         HAS_SEQUSED_Q=seqused_q is not None, HAS_SEQUSED_K=seqused_k is not None,
-        PAGED_KV=paged, HAS_KV_BATCH_IDX=kv_batch_idx is not None, HAS_LEFTPAD=leftpad_k is not None,
+        PAGED_KV=paged, PAGE_POW2=paged and page_size & (page_size - 1) == 0,
+        IDX64=paged and max(k.numel(), v.numel()) >= 2**31, SAME_KV_STRIDES=paged and k_strides == v_strides,
+        HAS_KV_BATCH_IDX=kv_batch_idx is not None, HAS_LEFTPAD=leftpad_k is not None,
         IS_SPLIT=split, PACK_GQA=pack_gqa,
         HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0, HAS_SINK=sink is not None and not split,
         INPUT_PRECISION=input_precision(q.dtype),

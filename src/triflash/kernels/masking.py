@@ -98,27 +98,46 @@ def _split_range(lo, mid_lo, mid_hi, hi, split, num_splits, BLOCK_INNER: tl.cons
 
 
 @triton.jit
-def _page_ids(offs_n, ok, tok0, page_row_ptr, page_size, num_pages):
-    """int64 page ids of keys ``tok0 + offs_n``, read from the page table only where ``ok``.
+def _page_ids(offs_n, ok, tok0, page_row_ptr, page_size, page_shift, num_pages, PAGE_POW2: tl.constexpr):
+    """int32 page ids of keys ``tok0 + offs_n``, read from the page table only where ``ok``.
 
     Entries past the sequence's last page are never touched; ids are clamped to [0, num_pages) so a bad
-    table cannot address memory outside the cache.
+    table cannot address memory outside the cache. ``PAGE_POW2``: ``page_size == 1 << page_shift``, so
+    the division is a shift (a run-time integer division costs tens of instructions per key).
     """
-    page = tl.load(page_row_ptr + (tok0 + offs_n) // page_size, mask=ok, other=0)
-    return tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+    if PAGE_POW2:
+        idx = (tok0 + offs_n) >> page_shift
+    else:
+        idx = (tok0 + offs_n) // page_size
+    page = tl.load(page_row_ptr + idx, mask=ok, other=0)
+    return tl.minimum(tl.maximum(page, 0), num_pages - 1)
 
 
 @triton.jit
-def _kv_rows(offs_n, page, tok0, page_size, stride_kp, stride_ks, stride_vp, stride_vs, PAGED: tl.constexpr):
-    """int64 element offsets of key rows ``offs_n`` in k and in v: ``([BLOCK_N], [BLOCK_N])``.
+def _kv_rows(offs_n, page, tok0, page_size, stride_kp, stride_ks, stride_vp, stride_vs, PAGED: tl.constexpr,
+             PAGE_POW2: tl.constexpr, IDX64: tl.constexpr, SAME_KV_STRIDES: tl.constexpr):
+    """Element offsets of key rows ``offs_n`` in k and in v: ``([BLOCK_N], [BLOCK_N])``.
 
-    Dense: row t is at ``t * stride_s`` (the caller's base already points at the sequence). Paged:
+    Dense: row t is at ``t * stride_s`` (the caller's base already points at the sequence), int64. Paged:
     key ``t = tok0 + offs_n`` lives at ``cache[page, t % page_size]`` with ``page`` from ``_page_ids``
-    (read a block ahead by the caller, so the page-table load does not stall the K/V loads behind it).
+    (read a block ahead by the caller, so the page-table load does not stall the K/V loads behind it);
+    int64 only when a cache has 2^31 elements or more (``IDX64``), computed once for k and v when their
+    strides agree (``SAME_KV_STRIDES``): a paged decode program is bound by this per-row arithmetic.
     """
     if PAGED:
-        slot = ((tok0 + offs_n) % page_size).to(tl.int64)
-        return page * stride_kp + slot * stride_ks, page * stride_vp + slot * stride_vs
+        if PAGE_POW2:
+            slot = (tok0 + offs_n) & (page_size - 1)
+        else:
+            slot = (tok0 + offs_n) % page_size
+        if IDX64:
+            page = page.to(tl.int64)
+            slot = slot.to(tl.int64)
+        k_rows = page * stride_kp + slot * stride_ks
+        if SAME_KV_STRIDES:
+            v_rows = k_rows
+        else:
+            v_rows = page * stride_vp + slot * stride_vs
+        return k_rows, v_rows
     else:
         rows = offs_n.to(tl.int64)
         return rows * stride_ks, rows * stride_vs
