@@ -44,10 +44,11 @@ def main():
     p.add_argument("--splits", type=parse_splits, default=parse_splits(DEFAULT_SPLITS))
     p.add_argument("--page-sizes", type=decode.parse_ints, default=[0, 16, 64])
     p.add_argument("--rep", type=int, default=50)
+    p.add_argument("--page-order", choices=["shuffled", "sequential"], default="shuffled")
     p.add_argument("--out", default="decode_configs.jsonl")
     args = p.parse_args()
     targs = argparse.Namespace(nheads=decode.NHEADS, nheads_k=decode.NHEADS_K, headdim=decode.HEADDIM,
-                               eager=False, rep=args.rep)
+                               eager=False, rep=args.rep, page_order=args.page_order)
     env = cli.env_info("cuda")
     names = [f"{c.block_n}x{c.num_stages}x{c.num_warps}" for c in args.configs]
     print(f"{'B':>4} {'Sk':>6} {'layout':>8} {'splits':>6} " + " ".join(f"{n:>9}" for n in names), flush=True)

@@ -66,6 +66,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headdim", type=int, default=HEADDIM)
     parser.add_argument("--providers", default="triflash,cudnn,sdpa-flash",
                         help="comma list from triflash, cudnn, sdpa-flash")
+    parser.add_argument("--page-order", choices=["shuffled", "sequential"], default="shuffled",
+                        help="physical order of a sequence's pages: a random permutation (default) or in order")
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--rep", type=int, default=100, help="timing repetitions in ms (default 100)")
     parser.add_argument("--check-only", action="store_true", help="run the correctness check and stop")
@@ -78,12 +80,20 @@ def kv_bytes(batch: int, seqlen_k: int, nheads_k: int, headdim: int, elem: int =
     return 2 * batch * seqlen_k * nheads_k * headdim * elem
 
 
-def to_paged(k: torch.Tensor, v: torch.Tensor, page_size: int, gen: torch.Generator):
-    """Contiguous (B, S, Hk, D) k/v -> shuffled pages (num_pages, page_size, Hk, D) and the page table."""
+def to_paged(k: torch.Tensor, v: torch.Tensor, page_size: int, gen: torch.Generator, order: str = "shuffled"):
+    """Contiguous (B, S, Hk, D) k/v -> pages (num_pages, page_size, Hk, D) and the page table.
+
+    ``order="shuffled"`` places the pages at a random permutation, ``"sequential"`` in order (a fresh
+    allocator's layout; it isolates the cost of the page-table indirection from that of scattered pages).
+    """
     batch, seqlen, nheads_k, d = k.shape
     per_seq = -(-seqlen // page_size)
     num_pages = batch * per_seq
-    table = torch.randperm(num_pages, generator=gen, device=k.device).view(batch, per_seq).to(torch.int32)
+    if order == "sequential":
+        perm = torch.arange(num_pages, device=k.device)
+    else:
+        perm = torch.randperm(num_pages, generator=gen, device=k.device)
+    table = perm.view(batch, per_seq).to(torch.int32)
     pad = per_seq * page_size - seqlen
     pages = []
     for x in (k, v):
@@ -107,7 +117,7 @@ def make_inputs(batch: int, seqlen_k: int, args: argparse.Namespace, device: str
     data = {"q": q, "k": k, "v": v, "lens": torch.full((batch,), seqlen_k, dtype=torch.int32, device=device)}
     for ps in page_sizes:
         if ps > 0:
-            data[f"paged{ps}"] = to_paged(k, v, ps, gen)
+            data[f"paged{ps}"] = to_paged(k, v, ps, gen, getattr(args, "page_order", "shuffled"))
     return data
 
 
@@ -183,7 +193,7 @@ def make_row(batch: int, seqlen_k: int, args, provider: str, page_size: int, num
         "num_splits": num_splits, "timer": "eager" if args.eager else "cudagraph",
         "median_ms": ms if ok else None,
         "tbps": kv_bytes(batch, seqlen_k, args.nheads_k, args.headdim) / (ms * 1e-3) / 1e12 if ok else None,
-        "note": note, **env,
+        "page_order": getattr(args, "page_order", "shuffled"), "note": note, **env,
     }
 
 
