@@ -27,9 +27,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from triflash.kernels.masking import _block_range
 
 @triton.jit
-def kern(desc_q, desc_k, desc_v, desc_o, o_ptr, m_ptr, S, H, qk_scale,
+def kern(desc_q, desc_k, desc_v, desc_o, o_ptr, m_ptr, S, H, n_rows, qk_scale,
          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LAYOUT: tl.constexpr, STORE: tl.constexpr,
-         BOUNDS: tl.constexpr, WS: tl.constexpr):
+         BOUNDS: tl.constexpr, WS: tl.constexpr, DEVDESC: tl.constexpr):
+    if DEVDESC:  # the arguments are base pointers: build the descriptors on the device
+        cols = D if LAYOUT == 0 else H * D
+        desc_q = tl.make_tensor_descriptor(desc_q, shape=[n_rows, cols], strides=[cols, 1], block_shape=[BM, D])
+        desc_k = tl.make_tensor_descriptor(desc_k, shape=[n_rows, cols], strides=[cols, 1], block_shape=[BN, D])
+        desc_v = tl.make_tensor_descriptor(desc_v, shape=[n_rows, cols], strides=[cols, 1], block_shape=[BN, D])
     pid_m = tl.program_id(0)
     hb = tl.program_id(1)
     b = hb // H
@@ -75,7 +80,8 @@ def kern(desc_q, desc_k, desc_v, desc_o, o_ptr, m_ptr, S, H, qk_scale,
             ptrs = o_ptr + (row0 + offs_m)[:, None].to(tl.int64) * (H * D) + col + offs_d[None, :]
         tl.store(ptrs, acc.to(o_ptr.dtype.element_ty), mask=(offs_m < S)[:, None])
 
-layout, store, bounds, bn, stages, ws = [int(x) for x in sys.argv[1:7]]
+layout, store, bounds, bn, stages, ws, devdesc = [int(x) for x in (sys.argv[1:8] + ["0"])[:7]]
+triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 D, BM = 128, 128
 def run(q, k, v, o, m):
     b, s, h, d = q.shape
@@ -83,10 +89,14 @@ def run(q, k, v, o, m):
         views = [x.transpose(1, 2).reshape(b * h * s, d) for x in (q, k, v, o)]
     else:
         views = [x.view(b * s, h * d) for x in (q, k, v, o)]
-    descs = [TensorDescriptor.from_tensor(x, [BM if i in (0, 3) else bn, d]) for i, x in enumerate(views)]
+    if devdesc:
+        descs = views
+    else:
+        descs = [TensorDescriptor.from_tensor(x, [BM if i in (0, 3) else bn, d]) for i, x in enumerate(views)]
     grid = (triton.cdiv(s, BM), b * h)
-    kern[grid](*descs, views[3], m, s, h, 1.4426950408889634 / math.sqrt(d), D=d, BM=BM, BN=bn, LAYOUT=layout,
-               STORE=store, BOUNDS=bounds, WS=bool(ws), num_warps=4 if ws else 8, num_stages=stages)
+    kern[grid](*descs, views[3], m, s, h, views[0].shape[0], 1.4426950408889634 / math.sqrt(d), D=d, BM=BM, BN=bn,
+               LAYOUT=layout, STORE=store, BOUNDS=bounds, WS=bool(ws), DEVDESC=bool(devdesc),
+               num_warps=4 if ws else 8, num_stages=stages)
     return views[3]
 def inputs(b, s, h):
     q, k, v = (torch.randn(b, s, h, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))

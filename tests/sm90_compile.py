@@ -30,13 +30,12 @@ def ptxas_report(ptx):
 
 
 def compile_config(head_dim, cfg):
-    kernel = fwd_hopper._attn_fwd_tma_kernel
+    kernel = fwd_hopper._attn_fwd_ws_kernel
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_SINK=False)
-    sig = {"desc_q": f"tensordesc<bf16[{cfg.block_m},{head_dim}]>",
-           "desc_k": f"tensordesc<bf16[{cfg.block_n},{head_dim}]>",
-           "desc_v": f"tensordesc<bf16[{cfg.block_n},{head_dim}]>",
-           "o_ptr": "*bf16", "lse_ptr": "*fp32", "sink_ptr": "*fp32"}
+                  HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_SINK=False, MASKED=True,
+                  WARP_SPECIALIZE=True)
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32",
+           "sink_ptr": "*fp32"}
     for name in kernel.arg_names:
         sig.setdefault(name, "constexpr" if name in consts else ("fp32" if "scale" in name else "i32"))
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
@@ -45,7 +44,7 @@ def compile_config(head_dim, cfg):
     ptx = compiled.asm["ptx"]
     report = ptxas_report(ptx)
     return dict(head_dim=head_dim, num_warps=cfg.num_warps, wgmma="wgmma.mma_async" in ptx,
-                tma="cp.async.bulk.tensor" in ptx,
+                tma="cp.async.bulk.tensor" in ptx, warp_specialized="setmaxnreg" in ptx,
                 spill_stores=[int(n) for n in re.findall(r"(\d+) bytes spill stores", report)])
 
 

@@ -21,6 +21,13 @@ CASES = {
     "sq-lt-sk": dict(shape=(1, 33, 90, 2, 2, 64)),
     "causal-sq-gt-sk": dict(shape=(2, 90, 40, 2, 1, 64), causal=True),
 }
+# Mask-free calls with whole tiles (the ones the GPU dispatches to the Hopper kernel): the GPU test runs
+# them at these shapes, the interpreter at the CASES scale.
+GPU_CASES = {
+    "gqa-d64": dict(shape=(2, 1024, 1152, 4, 2, 64)),
+    "softcap-sink-d128": dict(shape=(1, 640, 1152, 2, 1, 128), softcap=2.0, sink=True),
+    "mha-d128-sq-lt-sk": dict(shape=(2, 256, 2304, 2, 2, 128)),
+}
 
 
 def _inputs(shape, dtype, device, seed=0):
@@ -30,11 +37,13 @@ def _inputs(shape, dtype, device, seed=0):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; the GPU runs the real kernel")
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(GPU_CASES))
 def test_hopper_kernel_interpreted(case):
     """The TMA kernel's math through the interpreter (the descriptors are emulated there)."""
-    spec = dict(CASES[case])
+    spec = dict(CASES.get(case) or GPU_CASES[case])
     shape = spec.pop("shape")
+    if case in GPU_CASES:  # interpreter scale
+        shape = (shape[0], shape[1] // 16 + 3, shape[2] // 16, *shape[3:])
     sink = torch.randn(shape[3]) if spec.pop("sink", False) else None
     q, k, v = _inputs(shape, torch.float16, "cpu")
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
@@ -57,8 +66,8 @@ def test_hopper_path_off_when_interpreting():
 
 
 def test_compile_sm90():
-    """Build each Hopper table config for sm_90 on the CPU (no GPU needed): wgmma and TMA present and
-    nothing spills."""
+    """Build each Hopper table config for sm_90 on the CPU (no GPU needed): wgmma, TMA and warp
+    specialization (setmaxnreg) present and nothing spills."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
     res = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
@@ -66,19 +75,18 @@ def test_compile_sm90():
     reports = json.loads(res.stdout)
     assert len(reports) == len(_FWD_HOPPER_TABLE)
     for r in reports:
-        assert r["wgmma"] and r["tma"], r
+        assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
         assert r["spill_stores"] and max(r["spill_stores"]) == 0, r
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(GPU_CASES))
 def test_hopper_gpu(case, dtype, device):
     """On sm_90 these shapes take the Hopper path; compare with the reference and with the portable path."""
-    spec = dict(CASES[case])
-    b, sq, sk, h, hk, d = spec.pop("shape")
-    shape = (b, sq * 9 + 1, sk * 9, h, hk, d)
-    sink = torch.randn(h, device=device) if spec.pop("sink", False) else None
+    spec = dict(GPU_CASES[case])
+    shape = spec.pop("shape")
+    sink = torch.randn(shape[3], device=device) if spec.pop("sink", False) else None
     q, k, v = _inputs(shape, dtype, device)
     os.environ["TRIFLASH_HOPPER"] = "1"  # opt in for this test
     try:

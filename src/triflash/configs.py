@@ -214,13 +214,12 @@ class AttnFwdHopperConfig:
     num_stages: int
 
 
-# Hopper forward (kernels/fwd_hopper.py), keyed by max(D, Dv). Rows: configs whose sm_90 build has
-# wgmma, TMA and no spills (tests/sm90_compile.py, CI) and that ran correctly on an H100 80GB,
-# 2026-11-24 (scripts/hopper_diag.py); not yet timed against each other.
+# Hopper forward (kernels/fwd_hopper.py), keyed by max(D, Dv): 4 warps per consumer warpgroup (the
+# warp-specialized build has two, plus a TMA producer). 128x128x2: 609 TFLOP/s at D=128 S=8k non-causal
+# (scripts/ws_bisect.py, H100 80GB HBM3, 2026-11-24; the same kernel unspecialized: 454).
 _FWD_HOPPER_TABLE = [
-    (64, AttnFwdHopperConfig(128, 128, 8, 2)),
-    (128, AttnFwdHopperConfig(128, 128, 8, 2)),
-    (256, AttnFwdHopperConfig(128, 64, 8, 2)),
+    (64, AttnFwdHopperConfig(128, 128, 4, 2)),
+    (128, AttnFwdHopperConfig(128, 128, 4, 2)),
 ]
 
 

@@ -46,7 +46,8 @@ def _new_outputs(q, v, cu_seqlens_q):
 def _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
              softmax_scale, window_left, window_right, softcap, sink):
     """The Hopper forward where it applies (sm_90, dense, packed heads), else the portable kernel."""
-    if hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k):
+    if hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                           windowed=window_left is not None or window_right is not None):
         attn_fwd_hopper(q, k, v, out, lse, softmax_scale=softmax_scale, window_left=window_left,
                         window_right=window_right, softcap=softcap, sink=sink)
         return
