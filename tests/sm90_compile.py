@@ -32,8 +32,7 @@ def ptxas_report(ptx):
 def compile_config(head_dim, cfg):
     kernel = fwd_hopper._attn_fwd_ws_kernel
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_SINK=False, MASKED=True,
-                  WARP_SPECIALIZE=True)
+                  HAS_SOFTCAP=False, HAS_SINK=False, WARP_SPECIALIZE=True)
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32",
            "sink_ptr": "*fp32"}
     for name in kernel.arg_names:

@@ -15,18 +15,13 @@ from triflash import attention_ref, flash_attn_func
 from triflash.configs import _FWD_HOPPER_TABLE, AttnFwdHopperConfig, use_configs
 from triflash.kernels import fwd_hopper
 
+# Mask-free calls with whole tiles, the only ones the Hopper kernel takes: the GPU test runs them at
+# these shapes (128x128 tiles), the interpreter at cpu_shape (32x32 tiles).
 CASES = {
-    "causal-gqa": dict(shape=(2, 100, 130, 4, 2, 64), causal=True),
-    "window-softcap-sink": dict(shape=(1, 70, 70, 2, 1, 128), window_size=(10, 3), softcap=2.0, sink=True),
-    "sq-lt-sk": dict(shape=(1, 33, 90, 2, 2, 64)),
-    "causal-sq-gt-sk": dict(shape=(2, 90, 40, 2, 1, 64), causal=True),
-}
-# Mask-free calls with whole tiles (the ones the GPU dispatches to the Hopper kernel): the GPU test runs
-# them at these shapes, the interpreter at the CASES scale.
-GPU_CASES = {
-    "gqa-d64": dict(shape=(2, 1024, 1152, 4, 2, 64)),
-    "softcap-sink-d128": dict(shape=(1, 640, 1152, 2, 1, 128), softcap=2.0, sink=True),
-    "mha-d128-sq-lt-sk": dict(shape=(2, 256, 2304, 2, 2, 128)),
+    "gqa-d64": dict(shape=(2, 1024, 1152, 4, 2, 64), cpu_shape=(2, 64, 96, 4, 2, 64)),
+    "softcap-sink-d128": dict(shape=(1, 640, 1152, 2, 1, 128), cpu_shape=(1, 32, 64, 2, 1, 128), softcap=2.0,
+                              sink=True),
+    "mha-d128-sq-lt-sk": dict(shape=(2, 256, 2304, 2, 2, 128), cpu_shape=(2, 32, 128, 2, 2, 128)),
 }
 
 
@@ -37,27 +32,30 @@ def _inputs(shape, dtype, device, seed=0):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; the GPU runs the real kernel")
-@pytest.mark.parametrize("case", list(CASES) + list(GPU_CASES))
+@pytest.mark.parametrize("case", list(CASES))
 def test_hopper_kernel_interpreted(case):
-    """The TMA kernel's math through the interpreter (the descriptors are emulated there)."""
-    spec = dict(CASES.get(case) or GPU_CASES[case])
-    shape = spec.pop("shape")
-    if case in GPU_CASES:  # interpreter scale
-        shape = (shape[0], shape[1] // 16 + 3, shape[2] // 16, *shape[3:])
+    """The Hopper kernel's math through the interpreter (descriptors emulated, loop not specialized)."""
+    spec = dict(CASES[case])
+    spec.pop("shape")
+    shape = spec.pop("cpu_shape")
     sink = torch.randn(shape[3]) if spec.pop("sink", False) else None
     q, k, v = _inputs(shape, torch.float16, "cpu")
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
     lse = torch.full((shape[0], shape[3], shape[1]), float("nan"))
-    window = spec.get("window_size", (-1, -1))
-    left = None if window[0] == -1 else window[0]
-    right = 0 if spec.get("causal") else (None if window[1] == -1 else window[1])
     with use_configs(fwd_hopper=AttnFwdHopperConfig(32, 32, 4, 1)):
-        fwd_hopper.attn_fwd_hopper(q, k, v, out, lse, softmax_scale=1 / math.sqrt(shape[-1]), window_left=left,
-                                   window_right=right, softcap=spec.get("softcap", 0.0), sink=sink)
+        fwd_hopper.attn_fwd_hopper(q, k, v, out, lse, softmax_scale=1 / math.sqrt(shape[-1]),
+                                   softcap=spec.get("softcap", 0.0), sink=sink)
     ref, ref_lse = attention_ref(q, k, v, learnable_sink=sink, fp64=True, **spec)
     pt, pt_lse = attention_ref(q, k, v, learnable_sink=sink, upcast=False, reorder_ops=True, **spec)
     assert_close("out", out, ref, pt)
     assert_close("lse", lse, ref_lse, pt_lse.float())
+
+
+def test_hopper_kernel_refuses_partial_tiles():
+    q, k, v = _inputs((1, 40, 64, 2, 2, 64), torch.float16, "cpu")
+    lse = torch.empty(1, 2, 40)
+    with use_configs(fwd_hopper=AttnFwdHopperConfig(32, 32, 4, 1)), pytest.raises(ValueError, match="whole tiles"):
+        fwd_hopper.attn_fwd_hopper(q, k, v, torch.empty_like(q), lse, softmax_scale=0.125, softcap=0.0, sink=None)
 
 
 def test_hopper_path_off_when_interpreting():
@@ -81,10 +79,11 @@ def test_compile_sm90():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("case", list(GPU_CASES))
+@pytest.mark.parametrize("case", list(CASES))
 def test_hopper_gpu(case, dtype, device):
     """On sm_90 these shapes take the Hopper path; compare with the reference and with the portable path."""
-    spec = dict(GPU_CASES[case])
+    spec = dict(CASES[case])
+    spec.pop("cpu_shape")
     shape = spec.pop("shape")
     sink = torch.randn(shape[3], device=device) if spec.pop("sink", False) else None
     q, k, v = _inputs(shape, dtype, device)

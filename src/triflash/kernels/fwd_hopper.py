@@ -1,13 +1,13 @@
 """Hopper (sm_90) forward: TMA descriptors built on the device and Triton's warp specialization.
 
-Same math and visibility rule as ``fwd.py`` (``_block_range`` and the helpers of ``softmax.py``), for
+Same math as ``fwd.py`` (the online-softmax helpers of ``softmax.py``), for
 dense batches with head dims 64 or 128 whose heads are packed (``stride(H) == D``,
 ``stride(B) == S * stride(S)``). Each program builds TMA descriptors over the ``(B * S, H * D)`` views
 and runs one ``tl.range(..., warp_specialize=True)`` loop: a producer warp issues the TMA loads, two
-consumer warpgroups (64 query rows each) do the GEMMs and the online softmax. Edges (causal, windows,
-ragged tiles) would put the score mask on every block of that loop (``MASKED``, exercised through the
-interpreter); on the H100 that build left non-finite rows, so the dispatcher sends only mask-free calls
-with whole tiles here (``hopper_fwd_eligible``), where no tile reaches into the next sequence.
+consumer warpgroups (64 query rows each) do the GEMMs and the online softmax. Only mask-free calls with
+whole tiles come here (``hopper_fwd_eligible``): a build with the score mask on every block (for causal,
+windows, ragged tiles) left non-finite rows on the H100 while correct in the interpreter (2026-11-24), so
+those calls run the portable kernel.
 
 Triton 3.6 specializes Hopper loops only over device-side descriptors: with host descriptors the same
 kernels compiled and then hung on an H100 (``scripts/ws_bisect.py``, 2026-11-24). The launcher turns
@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from ..configs import interpreting, pick_attn_fwd_hopper_config
-from .masking import _block_range, _score_mask
 from .softmax import _online_softmax, _scores_log2, _softmax_finish
 
 
@@ -32,60 +31,47 @@ def _attn_fwd_ws_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, sink_ptr,
     stride_qs, stride_ks, stride_vs, stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, batch, nheads, nheads_k, seqlen_q, seqlen_k, group_size, qk_scale, softcap_scale,
-    window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr,
-    MASKED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
+    """Mask-free forward: no causal mask or window, S_q a multiple of BLOCK_M, S_k of BLOCK_N."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     hk = h // group_size
-    b64 = b.to(tl.int64)
     # Descriptors over the whole (B * S, H * D) matrices, built on the device: Triton 3.6 specializes Hopper
     # loops only over device descriptors. (Per-sequence descriptors, whose bases differ between programs,
-    # left non-finite rows on an H100; whole tiles only, so no tile reaches into the next sequence.)
+    # left non-finite rows on an H100.) Whole tiles: no tile reaches into the next sequence.
     desc_q = tl.make_tensor_descriptor(q_ptr, shape=[batch * seqlen_q, nheads * HEAD_DIM],
                                        strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
     desc_k = tl.make_tensor_descriptor(k_ptr, shape=[batch * seqlen_k, nheads_k * HEAD_DIM],
                                        strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
     desc_v = tl.make_tensor_descriptor(v_ptr, shape=[batch * seqlen_k, nheads_k * HEAD_DIM_V],
                                        strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM_V])
-    q_row0 = b * seqlen_q
-    k_row0 = b * seqlen_k
     m_start = pid_m * BLOCK_M
-    off = seqlen_k - seqlen_q
-    lo_off = off - window_left
-    hi_off = off + window_right
-    lo, mid_lo, mid_hi, hi = _block_range(m_start, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N,
-                                          HAS_LEFT, HAS_RIGHT)
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    q = desc_q.load([q_row0 + m_start, h * HEAD_DIM])  # [BLOCK_M, HEAD_DIM]
+    k_row0 = b * seqlen_k
     k_col = hk * HEAD_DIM
     v_col = hk * HEAD_DIM_V
+    q = desc_q.load([b * seqlen_q + m_start, h * HEAD_DIM])  # [BLOCK_M, HEAD_DIM]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
-    # One loop over every key block the tile sees (the Hopper pass specializes one loop: a TMA producer
-    # warp and two consumer warpgroups); MASKED puts the score mask on every block.
-    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    # One loop (the Hopper pass specializes one): a TMA producer warp and two consumer warpgroups.
+    for start in tl.range(0, seqlen_k, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = desc_k.load([k_row0 + start, k_col])  # [BLOCK_N, HEAD_DIM]
         s, _ = _scores_log2(tl.dot(q, tl.trans(k)), qk_scale, softcap_scale, HAS_SOFTCAP)
-        if MASKED:
-            offs_n = start + tl.arange(0, BLOCK_N)
-            visible = _score_mask(offs_m, offs_n, seqlen_q, seqlen_k, lo_off, hi_off, HAS_LEFT, HAS_RIGHT)
-            s = tl.where(visible, s, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, MASKED)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, False)
         acc = acc * alpha[:, None]
         v = desc_v.load([k_row0 + start, v_col])  # [BLOCK_N, HEAD_DIM_V]
         acc = tl.dot(p.to(v.dtype), v, acc)
     out, lse = _softmax_finish(acc, l_i, m_i, sink_ptr, h, HAS_SINK)
+    b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     o_ptrs = o_ptr + b64 * stride_ob + h64 * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m < seqlen_q)[:, None])
-    l_base = lse_ptr + b64 * stride_lb + h64 * stride_lh
-    tl.store(l_base + offs_m, lse, mask=offs_m < seqlen_q)
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + b64 * stride_lb + h64 * stride_lh + offs_m, lse)
 
 
 def _alloc_scratch(size, alignment, stream):
@@ -107,10 +93,9 @@ def hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seq
     ``TRIFLASH_HOPPER``: unset (auto) takes it at D = Dv = 128, ``1`` at D, Dv in {64, 128}, ``0``
     never. H100, 2026-11-24, bf16, non-causal, triflash-bench with cuDNN in the same run, TFLOP/s
     (warp-specialized / portable / cuDNN): D=128 S=2k 507/427/604, 4k 525/450/623, 16k 571/478/641;
-    D=64 S=1k 292/356/441, 16k 413/417/463. Only calls with no mask and whole tiles take it: no causal mask or window, ``S_k`` a multiple of the
-    tile's keys and ``S_q`` of its rows. The masked build (``MASKED``) and a ragged last query tile are
-    correct under the interpreter but left non-finite rows on an H100 (bench gate, tests/test_hopper.py,
-    2026-11-24), so those calls stay on the portable kernel until that is understood.
+    D=64 S=1k 292/356/441, 16k 413/417/463. Only calls with no mask and whole tiles take it: no causal
+    mask or window, ``S_k`` a multiple of the tile's keys and ``S_q`` of its rows (a masked build and
+    ragged tiles left non-finite rows on an H100, 2026-11-24).
     """
     mode = os.environ.get("TRIFLASH_HOPPER", "auto")
     if mode == "0" or interpreting() or q.device.type != "cuda":
@@ -130,27 +115,27 @@ def hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seq
     return all(_tma_ok(x) for x in (q, k, v)) and q.numel() > 0 and k.shape[1] > 0
 
 
-def attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, window_left, window_right, softcap, sink):
-    """Launches the Hopper forward on a dense batch (caller checked ``hopper_fwd_eligible``)."""
+def attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, softcap, sink):
+    """Launches the Hopper forward on a dense, mask-free batch of whole tiles (``hopper_fwd_eligible``)."""
     from triton.runtime import _allocation
 
-    from .fwd import softmax_args, window_args
+    from .fwd import softmax_args
 
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k, dv = k.shape[1], k.shape[2], v.shape[-1]
-    cfg = pick_attn_fwd_hopper_config(d, dv, window_right is not None)
+    cfg = pick_attn_fwd_hopper_config(d, dv, False)
+    if seqlen_q % cfg.block_m or seqlen_k % cfg.block_n:
+        raise ValueError(f"attn_fwd_hopper needs whole tiles: S_q % {cfg.block_m} and S_k % {cfg.block_n} == 0")
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_alloc_scratch)  # device descriptors need scratch; a caller's allocator is kept
     qk_scale, softcap_scale = softmax_args(softmax_scale, softcap)
-    left, right, has_left, has_right = window_args(window_left, window_right)
-    masked = has_left or has_right or seqlen_k % cfg.block_n != 0
-    grid = (triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)
+    grid = (seqlen_q // cfg.block_m, nheads, batch)
     _attn_fwd_ws_kernel[grid](
         q, k, v, out, lse, sink if sink is not None else lse,
         q.stride(1), k.stride(1), v.stride(1),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        batch, nheads, nheads_k, seqlen_q, seqlen_k, nheads // nheads_k, qk_scale, softcap_scale, left, right,
+        batch, nheads, nheads_k, seqlen_q, seqlen_k, nheads // nheads_k, qk_scale, softcap_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0, HAS_SINK=sink is not None,
-        MASKED=masked, WARP_SPECIALIZE=not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_SOFTCAP=softcap > 0, HAS_SINK=sink is not None,
+        WARP_SPECIALIZE=not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
