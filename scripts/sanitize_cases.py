@@ -78,7 +78,14 @@ def main():
         errs.append(dense(dtype, 70, 70, 2, 2, 256, 256, causal=True))
         errs.append(dense(dtype, 1, 513, 8, 2, 128, 64))
         errs.append(varlen(dtype, 64))
-        errs.append(dense(dtype, 300, 300, 4, 2, 128, 128, causal=True))  # Hopper TMA path when sm_90
+        errs.append(dense(dtype, 300, 300, 4, 2, 128, 128, causal=True))
+        # The Hopper forward on sm_90 (TRIFLASH_HOPPER=1: at these lengths the default picks the portable
+        # kernel): non-causal, causal through the diagonal kernel (D=128) and masked in-loop (D=256).
+        os.environ["TRIFLASH_HOPPER"] = "1"
+        errs.append(dense(dtype, 256, 384, 4, 2, 128, 128, causal=True))
+        errs.append(dense(dtype, 128, 256, 2, 1, 256, 256, causal=True))
+        errs.append(dense(dtype, 128, 256, 2, 2, 64, 64))
+        del os.environ["TRIFLASH_HOPPER"]
         for page_size, splits in ((1, 1), (16, 3), (64, 0)):
             errs.append(paged(dtype, page_size, splits))
         errs.append(kvcache_append(dtype))

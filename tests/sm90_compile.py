@@ -1,4 +1,4 @@
-"""Compile the Hopper forward's table configs for sm_90 with no GPU and print a JSON report per config.
+"""Compile the Hopper forward's table configs (causal or not) for sm_90 with no GPU and print a JSON report per config.
 
 Run as a script in a process without TRITON_INTERPRET (kernels must be JIT functions, not interpreted).
 """
@@ -18,21 +18,50 @@ from triflash.configs import _FWD_HOPPER_TABLE
 from triflash.kernels import fwd_hopper
 
 
+def _tool(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
 def ptxas_report(ptx):
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as fh:
             fh.write(ptx)
-        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.o")],
+        res = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.o")],
                              capture_output=True, text=True, check=True)
     return res.stderr
 
 
-def compile_config(head_dim, cfg):
+def loop_spills(cubin):
+    """``(loops, spills)``: the innermost loops that issue wgmma (SASS HGMMA), the hot loops, and the
+    local-memory loads and stores (spills) inside them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    instrs = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
+    index = {a: i for i, (a, _) in enumerate(instrs)}
+    loops = []  # (first, last) instruction indices of each backward branch's body
+    for i, (addr, text) in enumerate(instrs):
+        target = re.search(r"BRA[^0-9]*0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+            loops.append((index[int(target.group(1), 16)], i))
+    count = hot = 0
+    for first, last in loops:
+        innermost = not any(first <= f and e <= last and (f, e) != (first, last) for f, e in loops)
+        body = [t for _, t in instrs[first:last + 1]]
+        if innermost and any("HGMMA" in t for t in body):
+            hot += 1
+            count += sum(1 for t in body if re.search(r"\b(STL|LDL)\b", t))
+    return hot, count
+
+
+def compile_config(head_dim, cfg, causal):
     kernel = fwd_hopper._attn_fwd_ws_kernel
+    mode = fwd_hopper.causal_mode(head_dim) if causal else 0
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  HAS_SOFTCAP=False, HAS_SINK=False, WARP_SPECIALIZE=True)
+                  CAUSAL=mode, LPT=causal, HAS_SOFTCAP=False, HAS_SINK=False, WARP_SPECIALIZE=True)
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32",
            "sink_ptr": "*fp32"}
     for name in kernel.arg_names:
@@ -42,10 +71,12 @@ def compile_config(head_dim, cfg):
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     ptx = compiled.asm["ptx"]
     report = ptxas_report(ptx)
-    return dict(head_dim=head_dim, num_warps=cfg.num_warps, wgmma="wgmma.mma_async" in ptx,
+    return dict(head_dim=head_dim, causal=causal, mode=mode, num_warps=cfg.num_warps, wgmma="wgmma.mma_async" in ptx,
                 tma="cp.async.bulk.tensor" in ptx, warp_specialized="setmaxnreg" in ptx,
-                spill_stores=[int(n) for n in re.findall(r"(\d+) bytes spill stores", report)])
+                spill_stores=[int(n) for n in re.findall(r"(\d+) bytes spill stores", report)],
+                **dict(zip(("hot_loops", "loop_spills"), loop_spills(compiled.asm["cubin"]))))
 
 
 if __name__ == "__main__":
-    json.dump([compile_config(bound, cfg) for bound, cfg in _FWD_HOPPER_TABLE], sys.stdout)
+    json.dump([compile_config(bound, cfg, causal) for bound, cfg in _FWD_HOPPER_TABLE for causal in (False, True)],
+              sys.stdout)

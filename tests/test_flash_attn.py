@@ -64,6 +64,9 @@ FLAG_CASES = {
     "softcap": dict(softcap=3.0),
     "softcap-causal": dict(softcap=5.0, causal=True),
     "scale": dict(softmax_scale=0.3),
+    # The forward folds a positive log2 scale into its exponent: a negative scale negates q, zero is tiny.
+    "scale-negative-causal": dict(softmax_scale=-0.3, causal=True),
+    "scale-zero-window": dict(softmax_scale=0.0, window_size=(10, 5)),
     "sink": dict(sink=True),
     "sink-causal-window": dict(sink=True, causal=True, window_size=(9, -1)),
 }

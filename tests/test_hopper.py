@@ -22,6 +22,12 @@ CASES = {
     "softcap-sink-d128": dict(shape=(1, 640, 1152, 2, 1, 128), cpu_shape=(1, 32, 64, 2, 1, 128), softcap=2.0,
                               sink=True),
     "mha-d128-sq-lt-sk": dict(shape=(2, 256, 2304, 2, 2, 128), cpu_shape=(2, 32, 128, 2, 2, 128)),
+    # Causal: the specialized kernel over the keys before each diagonal tile, then the diagonal kernel.
+    "causal-gqa-d128": dict(shape=(2, 1024, 1024, 4, 2, 128), cpu_shape=(2, 96, 96, 4, 2, 128), causal=True),
+    "causal-sq-lt-sk-d64": dict(shape=(1, 384, 1152, 2, 2, 64), cpu_shape=(1, 64, 160, 2, 2, 64), causal=True),
+    "causal-softcap-sink-d256": dict(shape=(1, 512, 512, 2, 1, 256), cpu_shape=(1, 64, 64, 2, 1, 256),
+                                     causal=True, softcap=3.0, sink=True),
+    "d256": dict(shape=(2, 512, 1024, 2, 2, 256), cpu_shape=(1, 32, 64, 2, 2, 256)),
 }
 
 
@@ -44,7 +50,7 @@ def test_hopper_kernel_interpreted(case):
     lse = torch.full((shape[0], shape[3], shape[1]), float("nan"))
     with use_configs(fwd_hopper=AttnFwdHopperConfig(32, 32, 4, 1)):
         fwd_hopper.attn_fwd_hopper(q, k, v, out, lse, softmax_scale=1 / math.sqrt(shape[-1]),
-                                   softcap=spec.get("softcap", 0.0), sink=sink)
+                                   softcap=spec.get("softcap", 0.0), sink=sink, causal=spec.get("causal", False))
     ref, ref_lse = attention_ref(q, k, v, learnable_sink=sink, fp64=True, **spec)
     pt, pt_lse = attention_ref(q, k, v, learnable_sink=sink, upcast=False, reorder_ops=True, **spec)
     assert_close("out", out, ref, pt)
@@ -71,10 +77,13 @@ def test_compile_sm90():
     res = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     reports = json.loads(res.stdout)
-    assert len(reports) == len(_FWD_HOPPER_TABLE)
+    assert len(reports) == 2 * len(_FWD_HOPPER_TABLE)
     for r in reports:
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
-        assert r["spill_stores"] and max(r["spill_stores"]) == 0, r
+        # Nothing spills in the loops; at D=256 the two-stage build spills 192 bytes around them (it ran
+        # 534-634 TFLOP/s against 442-581 for the one-stage build that does not, H100, 2026-11-24).
+        assert r["spill_stores"] and r["hot_loops"] >= 1 and r["loop_spills"] == 0, r
+        assert max(r["spill_stores"]) == 0 or r["head_dim"] == 256, r
 
 
 @pytest.mark.gpu
@@ -90,7 +99,8 @@ def test_hopper_gpu(case, dtype, device):
     os.environ["TRIFLASH_HOPPER"] = "1"  # opt in for this test
     try:
         if torch.cuda.get_device_capability()[0] == 9:
-            assert fwd_hopper.hopper_fwd_eligible(q, k, v, q, None, None, None, None)
+            window_right = 0 if spec.get("causal") else None
+            assert fwd_hopper.hopper_fwd_eligible(q, k, v, q, None, None, None, None, window_right=window_right)
         tensors = dict(q=q, k=k, v=v) | ({"learnable_sink": sink} if sink is not None else {})
 
         def fn(q, k, v, learnable_sink=None):

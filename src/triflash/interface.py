@@ -47,8 +47,9 @@ def _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k
              softmax_scale, window_left, window_right, softcap, sink):
     """The Hopper forward where it applies (sm_90, dense, packed heads), else the portable kernel."""
     if hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-                           windowed=window_left is not None or window_right is not None):
-        attn_fwd_hopper(q, k, v, out, lse, softmax_scale=softmax_scale, softcap=softcap, sink=sink)
+                           window_left=window_left, window_right=window_right):
+        attn_fwd_hopper(q, k, v, out, lse, softmax_scale=softmax_scale, softcap=softcap, sink=sink,
+                        causal=window_right == 0 and window_left is None)
         return
     attn_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
              seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,

@@ -13,9 +13,10 @@ from ..configs import pick_attn_fwd_config
 from .combine import attn_combine
 from .launch import launch
 from .masking import _block_range, _kv_rows, _load_tile, _page_ids, _rows_range, _score_mask, _seq_info, _split_range
-from .softmax import _online_softmax, _scores_log2, _softmax_finish
+from .softmax import _online_softmax, _scores_unscaled, _softmax_finish
 
 LOG2E = 1.4426950408889634
+_TINY = 2.0**-126  # smallest normal fp32: the log2 scale of softmax_scale == 0 (see fwd_softmax_args)
 LN2 = 0.6931471805599453
 
 
@@ -53,12 +54,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kp, stride_ks, stride_vp
         # moved between layouts once, not twice).
         k = _load_tile(k_base + k_rows[:, None] + offs_d[None, :],
                        n_ok[:, None], d_ok[None, :], MASKED, PAD_D)  # [BLOCK_N, BLOCK_D]
-        s, _ = _scores_log2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale, softcap_scale,
-                            HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+        x = _scores_unscaled(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), softcap_scale,
+                             HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
         if MASKED:
             visible = _score_mask(offs_q, offs_n, seqlen_q, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
-            s = tl.where(visible, s, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, MASKED)
+            x = tl.where(visible, x, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax(x, qk_scale, m_i, l_i, MASKED)
         v = _load_tile(v_base + v_rows[:, None] + offs_dv[None, :],
                        n_ok[:, None], dv_ok[None, :], MASKED, PAD_DV)  # [BLOCK_N, BLOCK_DV]
         acc = acc * alpha[:, None]
@@ -231,6 +232,21 @@ def softmax_args(softmax_scale, softcap):
     return softmax_scale * LOG2E, 0.0
 
 
+def fwd_softmax_args(q, softmax_scale, softcap):
+    """``(q, qk_scale, softcap_scale)`` for the forward kernels: scores in log2 units are ``x * qk_scale``
+    with ``x = q·k``, or ``x = tanh(softcap_scale * q·k)`` under softcap (``s = softcap * x``).
+
+    ``qk_scale`` is positive, so a kernel takes its row max on ``x`` and folds the scale into the
+    exponent (``softmax._online_softmax``). A negative scale without softcap negates q instead (a copy;
+    such a scale is rare), and a zero scale becomes the smallest normal float (``-inf * 0`` would be NaN
+    on masked scores; the probabilities stay uniform to fp32 precision).
+    """
+    qk_scale, softcap_scale = softmax_args(softmax_scale, softcap)
+    if qk_scale < 0:
+        q = q.neg() if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else (-q.float()).to(q.dtype)
+    return q, max(abs(qk_scale), _TINY), softcap_scale
+
+
 def attn_fwd(q, k, v, out, lse, *, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
              max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink, page_table=None,
              kv_batch_idx=None, leftpad_k=None, num_splits=1, pack_gqa=False):
@@ -255,7 +271,7 @@ def attn_fwd(q, k, v, out, lse, *, cu_seqlens_q, cu_seqlens_k, seqused_q, sequse
     rows = max_seqlen_q * (group if pack_gqa else 1)
     cfg = pick_attn_fwd_config(q.device, d, dv, q.dtype, window_right is not None, rows=rows, paged=paged,
                                split=num_splits > 1)
-    qk_scale, softcap_scale = softmax_args(softmax_scale, softcap)
+    q, qk_scale, softcap_scale = fwd_softmax_args(q, softmax_scale, softcap)
     left, right, has_left, has_right = window_args(window_left, window_right)
     if paged:
         k_strides = (k.stride(0), k.stride(1), k.stride(2))  # (page, slot, head)

@@ -23,17 +23,35 @@ def _scores_log2(qk, qk_scale, softcap_scale, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(s, m_i, l_i, MASKED: tl.constexpr):
-    """One step of the online softmax over a [BLOCK_M, BLOCK_N] tile of log2 scores.
+def _scores_unscaled(qk, softcap_scale, HAS_SOFTCAP: tl.constexpr):
+    """Raw dot products -> ``x``, the scores before their log2 scale (``s = x * qk_scale``, ``qk_scale > 0``).
+
+    The forward keeps the scale out of the tile and folds it into the exponent's FFMA
+    (``_online_softmax``): one multiply per score fewer than scaling first (``_scores_log2``).
+    """
+    if HAS_SOFTCAP:
+        x = _tanh(qk * softcap_scale)
+    else:
+        x = qk
+    return x
+
+
+@triton.jit
+def _online_softmax(x, qk_scale, m_i, l_i, MASKED: tl.constexpr):
+    """One step of the online softmax over a [BLOCK_M, BLOCK_N] tile of unscaled scores ``x``.
+
+    The scores in log2 units are ``x * qk_scale`` with ``qk_scale > 0`` (``fwd.fwd_softmax_args``), so the
+    tile's row max is taken on ``x`` and scaled once per row, and ``exp2(x * qk_scale - m)`` is one FFMA
+    and one MUFU per score. Masked scores are ``-inf`` in ``x``.
 
     Returns ``(p, alpha, m_new, l_new)``: the tile's unnormalised probabilities, the factor that
-    rescales the running accumulator, and the new running max and sum. On masked tiles a row that has
-    seen nothing yet keeps 0 as its reference so that ``exp2(-inf)`` gives 0, not NaN.
+    rescales the running accumulator, and the new running max and sum (log2 units). On masked tiles a
+    row that has seen nothing yet keeps 0 as its reference so that ``exp2(-inf)`` gives 0, not NaN.
     """
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(x, 1) * qk_scale)
     if MASKED:
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(x * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_new = l_i * alpha + tl.sum(p, 1)
     return p, alpha, m_new, l_new

@@ -1,0 +1,116 @@
+"""The Hopper forward's variants against the portable kernel and cuDNN, side by side (GPU; diagnosis).
+
+For each (D, causal, S) cell of the FlashAttention benchmark convention (16k tokens, H = 2048 / D, bf16),
+runs the portable forward (``fwd.attn_fwd``), the Hopper forward in each variant asked for and torch SDPA's
+cuDNN backend on the same random inputs: first a correctness check against SDPA's output (outputs poisoned
+with NaN), then the median of ``triton.testing.do_bench``. Prints one row per provider and writes JSONL.
+
+    python scripts/hopper_fwd_variants.py [--out rows.jsonl] [--d 64,128,256] [--seqlens 1024,...]
+"""
+
+import argparse
+import functools
+import json
+import math
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from triflash.configs import AttnFwdHopperConfig, use_configs
+from triflash.kernels import fwd_hopper
+from triflash.kernels.fwd import attn_fwd
+
+# name -> (attn_fwd_hopper kwargs, forced config by D or None)
+VARIANTS = {
+    "ws": dict(),
+    "ws-nolpt": dict(lpt=False),
+    "ws-inloop": dict(impl=1),
+    "ws-2k": dict(impl=2),
+}
+D256_CONFIGS = {"ws": AttnFwdHopperConfig(128, 64, 4, 1), "ws-s2": AttnFwdHopperConfig(128, 64, 4, 2)}
+
+
+def _hopper(q, k, v, out, lse, scale, causal, kw, cfg):
+    if cfg is None:
+        fwd_hopper.attn_fwd_hopper(q, k, v, out, lse, softmax_scale=scale, softcap=0.0, sink=None, causal=causal, **kw)
+        return
+    with use_configs(fwd_hopper=cfg):
+        fwd_hopper.attn_fwd_hopper(q, k, v, out, lse, softmax_scale=scale, softcap=0.0, sink=None, causal=causal, **kw)
+
+
+def _cudnn(qt, kt, vt, causal):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+
+def run_cell(d, causal, s, variants, dev="cuda"):
+    b, h = 16384 // s, 2048 // d
+    gen = torch.Generator(device=dev).manual_seed(s + d)
+    q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    scale = 1 / math.sqrt(d)
+    flops = 4 * b * h * s * s * d / (2 if causal else 1)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    ref = _cudnn(qt, kt, vt, causal).transpose(1, 2).float()
+    lse = torch.empty(b, h, s, device=dev)
+    out = torch.empty_like(q)
+    provs = {"portable": functools.partial(
+        attn_fwd, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+        max_seqlen_q=s, max_seqlen_k=s, softmax_scale=scale, window_left=None,
+        window_right=0 if causal else None, softcap=0.0, sink=None)}
+    for name in variants:
+        if name == "ws-s2" and d != 256 or (name in ("ws-nolpt", "ws-inloop") and not causal):
+            continue
+        cfg = D256_CONFIGS.get(name) if d == 256 else None
+        provs[name] = functools.partial(_hopper, q, k, v, out, lse, scale, causal, VARIANTS.get(name, {}), cfg)
+    provs["cudnn"] = functools.partial(_cudnn, qt, kt, vt, causal)
+    rows = []
+    for name, fn in provs.items():
+        row = dict(d=d, causal=causal, s=s, b=b, h=h, provider=name)
+        try:
+            out.fill_(float("nan"))
+            res = fn()
+            torch.cuda.synchronize()
+            got = res.transpose(1, 2).float() if name == "cudnn" else out.float()
+            row["max_err"] = (got - ref).abs().max().item()
+            row["finite"] = bool(torch.isfinite(got).all())
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            row["ms"] = ms
+            row["tflops"] = flops / ms / 1e9
+        except Exception as exc:  # a variant that does not build or run: report it, go on
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="hopper_fwd_variants.jsonl")
+    ap.add_argument("--d", default="64,128,256")
+    ap.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--variants", default="ws,ws-nolpt,ws-inloop,ws-s2")
+    args = ap.parse_args()
+    rows = []
+    with open(args.out, "w") as fh:
+        for d in [int(x) for x in args.d.split(",")]:
+            for causal in [bool(int(x)) for x in args.causal.split(",")]:
+                for s in [int(x) for x in args.seqlens.split(",")]:
+                    for row in run_cell(d, causal, s, args.variants.split(",")):
+                        fh.write(json.dumps(row) + "\n")
+                        fh.flush()
+                        rows.append(row)
+    print("\n| D | causal | S | provider | TFLOP/s | max err | x cuDNN |")
+    base = {(r["d"], r["causal"], r["s"]): r.get("tflops") for r in rows if r["provider"] == "cudnn"}
+    for r in rows:
+        c = base.get((r["d"], r["causal"], r["s"]))
+        t = r.get("tflops")
+        ratio = f"{t / c:.2f}" if t and c else "-"
+        print(f"| {r['d']} | {int(r['causal'])} | {r['s']} | {r['provider']} | {t or 0:.0f} | "
+              f"{r.get('max_err', float('nan')):.3g}{'' if r.get('finite', True) else ' NONFINITE'} | {ratio} |"
+              + (f" {r['error']}" if "error" in r else ""))
+
+
+if __name__ == "__main__":
+    main()
