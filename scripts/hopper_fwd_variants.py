@@ -28,10 +28,22 @@ VARIANTS = {
     "ws-inloop": dict(impl=1),
     "ws-2k": dict(impl=2),
 }
+# Diagonal-kernel launches to try (fwd_hopper.DIAG_CONFIG), causal D <= 128 only.
+DIAG = {"diag-n128-w8": dict(block_n=128, num_warps=8, num_stages=1), "diag-n64-w4": dict(block_n=64, num_warps=4,
+        num_stages=1), "diag-n32-w4": dict(block_n=32, num_warps=4, num_stages=1),
+        "diag-n64-w8-s2": dict(block_n=64, num_warps=8, num_stages=2)}
 D256_CONFIGS = {"ws": AttnFwdHopperConfig(128, 64, 4, 1), "ws-s2": AttnFwdHopperConfig(128, 64, 4, 2)}
 
 
-def _hopper(q, k, v, out, lse, scale, causal, kw, cfg):
+def _hopper(q, k, v, out, lse, scale, causal, kw, cfg, diag=None):
+    if diag is not None:
+        saved = dict(fwd_hopper.DIAG_CONFIG)
+        fwd_hopper.DIAG_CONFIG.update(diag)
+        try:
+            _hopper(q, k, v, out, lse, scale, causal, kw, cfg)
+        finally:
+            fwd_hopper.DIAG_CONFIG.update(saved)
+        return
     if cfg is None:
         fwd_hopper.attn_fwd_hopper(q, k, v, out, lse, softmax_scale=scale, softcap=0.0, sink=None, causal=causal, **kw)
         return
@@ -59,7 +71,11 @@ def run_cell(d, causal, s, variants, dev="cuda"):
         max_seqlen_q=s, max_seqlen_k=s, softmax_scale=scale, window_left=None,
         window_right=0 if causal else None, softcap=0.0, sink=None)}
     for name in variants:
-        if name == "ws-s2" and d != 256 or (name in ("ws-nolpt", "ws-inloop") and not causal):
+        if name == "ws-s2" and d != 256 or (name in ("ws-nolpt", "ws-inloop", "ws-2k") and not causal):
+            continue
+        if name in DIAG:
+            if causal and d <= 128:
+                provs[name] = functools.partial(_hopper, q, k, v, out, lse, scale, causal, {}, None, DIAG[name])
             continue
         cfg = D256_CONFIGS.get(name) if d == 256 else None
         provs[name] = functools.partial(_hopper, q, k, v, out, lse, scale, causal, VARIANTS.get(name, {}), cfg)

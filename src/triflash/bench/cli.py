@@ -36,6 +36,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -266,6 +267,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--providers", type=parse_providers, default=list(PROVIDERS),
                      help=f"comma list from {','.join(PROVIDERS)} (default: all that import)")
     run.add_argument("--warmup", type=parse_count, default=25, help="do_bench warm-up in ms (default 25)")
+    run.add_argument("--spin", type=parse_count, default=150,
+                     help="ms of back-to-back calls before each timing, to bring the GPU clock up (default 150)")
     run.add_argument("--rep", type=parse_count, default=100, help="do_bench repetition time in ms (default 100)")
     run.add_argument("--check-only", action="store_true", help="run the correctness gate and stop")
     run.add_argument("--no-check", action="store_true", help="skip the correctness gate (prints a warning)")
@@ -548,6 +551,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _do_bench(fn: Callable[[], Any], args: argparse.Namespace) -> float:
     import triton.testing
 
+    # First call (compiles), then keep the GPU busy for --spin ms before do_bench's own warm-up: after a
+    # compile the GPU idles and its clock drops, and 25 ms of warm-up measured the first cells of a
+    # sweep up to 2x slow (H100, 2026-11-24: D=64 S=512 forward 166 TFLOP/s first in a run, 308 later).
+    fn()
+    torch.cuda.synchronize()
+    t_end = time.perf_counter() + args.spin / 1e3
+    while time.perf_counter() < t_end:
+        fn()
+        torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
 
@@ -601,6 +613,8 @@ def env_info(device: str) -> dict[str, Any]:
 
 def git_sha() -> str | None:
     """Commit of the checkout holding this file, ``+dirty`` when it has changes; None outside git."""
+    if os.environ.get("TRIFLASH_GIT_SHA"):  # a copied tree whose .git is not the commit run (the device tool)
+        return os.environ["TRIFLASH_GIT_SHA"]
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,

@@ -207,6 +207,10 @@ def hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seq
 _DEFAULT_ON = {(64, False): 16384, (128, False): 0, (128, True): 8192, (256, False): 0, (256, True): 2048}
 
 
+# The diagonal kernel's launch (D <= 128; it is not used at D = 256).
+DIAG_CONFIG = {"block_n": 64, "num_warps": 8, "num_stages": 1}
+
+
 def causal_mode(d):
     """How the causal diagonal is done (``_attn_fwd_ws_kernel``'s CAUSAL): 2, a second kernel, for D <= 128;
     1, masked in the specialized loop, for D = 256, where the longer GEMMs hide the mask's instructions.
@@ -258,6 +262,7 @@ def attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, softcap, sink, causal=F
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, group, qk_scale, softcap_scale,
-            HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=cfg.block_m, BLOCK_N=min(64 if d <= 128 else 32, cfg.block_m),
-            HAS_SOFTCAP=softcap > 0, HAS_SINK=sink is not None, num_warps=8, num_stages=1,
+            HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=cfg.block_m, BLOCK_N=min(DIAG_CONFIG["block_n"], cfg.block_m),
+            HAS_SOFTCAP=softcap > 0, HAS_SINK=sink is not None, num_warps=DIAG_CONFIG["num_warps"],
+            num_stages=DIAG_CONFIG["num_stages"],
         )
