@@ -202,13 +202,15 @@ def hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seq
 #         causal (second kernel) 16k 408/414/445: never.
 #   D=128 non-causal  S=1k 438/374/595, 2k 520/436/616, 16k 588/508/671;
 #         causal (second kernel) 4k 376/394/539, 8k 465/438/567, 16k 542/471/567.
-#   D=256 non-causal (two stages) 1k 534/393/592, 16k 634/502/700;
+#   D=256 non-causal (two stages) 512 151/309/482 (a sweep of f472702), 1k 534/393/592, 16k 634/502/700;
 #         causal (in-loop mask, one stage) 1k 245/283/443, 2k 400/358/537, 16k 597/511/619.
-_DEFAULT_ON = {(64, False): 16384, (128, False): 0, (128, True): 8192, (256, False): 0, (256, True): 2048}
+_DEFAULT_ON = {(64, False): 16384, (128, False): 0, (128, True): 8192, (256, False): 1024, (256, True): 2048}
 
 
-# The diagonal kernel's launch (D <= 128; it is not used at D = 256).
-DIAG_CONFIG = {"block_n": 64, "num_warps": 8, "num_stages": 1}
+# The diagonal kernel's launch (D <= 128; it is not used at D = 256). H100, 2026-11-24, causal D=128
+# TFLOP/s of the whole forward at S=4k/8k: 64 keys x 4 warps 383/458, x 8 warps 356/448, 128 x 8 warps
+# 362/452, 32 x 4 warps 379/458, 64 x 8 warps x 2 stages 379/449.
+DIAG_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 1}
 
 
 def causal_mode(d):
