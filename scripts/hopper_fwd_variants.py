@@ -32,7 +32,7 @@ VARIANTS = {
 DIAG = {"diag-n128-w8": dict(block_n=128, num_warps=8, num_stages=1), "diag-n64-w4": dict(block_n=64, num_warps=4,
         num_stages=1), "diag-n32-w4": dict(block_n=32, num_warps=4, num_stages=1),
         "diag-n64-w8-s2": dict(block_n=64, num_warps=8, num_stages=2)}
-D256_CONFIGS = {"ws": AttnFwdHopperConfig(128, 64, 4, 1), "ws-s2": AttnFwdHopperConfig(128, 64, 4, 2)}
+D256_CONFIGS = {"ws-s1": AttnFwdHopperConfig(128, 64, 4, 1), "ws-s2": AttnFwdHopperConfig(128, 64, 4, 2)}
 
 
 def _hopper(q, k, v, out, lse, scale, causal, kw, cfg, diag=None):
@@ -71,7 +71,7 @@ def run_cell(d, causal, s, variants, dev="cuda"):
         max_seqlen_q=s, max_seqlen_k=s, softmax_scale=scale, window_left=None,
         window_right=0 if causal else None, softcap=0.0, sink=None)}
     for name in variants:
-        if name == "ws-s2" and d != 256 or (name in ("ws-nolpt", "ws-inloop", "ws-2k") and not causal):
+        if name in D256_CONFIGS and d != 256 or (name in ("ws-nolpt", "ws-inloop", "ws-2k") and not causal):
             continue
         if name in DIAG:
             if causal and d <= 128:
@@ -106,7 +106,7 @@ def main():
     ap.add_argument("--d", default="64,128,256")
     ap.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
     ap.add_argument("--causal", default="0,1")
-    ap.add_argument("--variants", default="ws,ws-nolpt,ws-inloop,ws-s2")
+    ap.add_argument("--variants", default="ws,ws-nolpt,ws-inloop,ws-s1,ws-s2")
     args = ap.parse_args()
     rows = []
     with open(args.out, "w") as fh:

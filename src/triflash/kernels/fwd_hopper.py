@@ -66,7 +66,7 @@ def _attn_fwd_ws_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
     # CAUSAL: 0 none; 2 the keys before the diagonal tile only (every row sees them: mask-free), the
-    # diagonal tile is then added by _attn_fwd_diag_kernel; 1 (experiment) the diagonal in this loop, masked.
+    # diagonal tile is then added by _attn_fwd_diag_kernel; 1 the diagonal in this loop, masked (causal_mode).
     if CAUSAL == 2:
         hi = m_start + seqlen_k - seqlen_q
     elif CAUSAL == 1:
