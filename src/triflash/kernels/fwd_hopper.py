@@ -4,10 +4,11 @@ Same math as ``fwd.py`` (the online-softmax helpers of ``softmax.py``), for dens
 64, 128 or 256 whose heads are packed (``stride(H) == D``, ``stride(B) == S * stride(S)``). Each program
 builds TMA descriptors over the ``(B * S, H * D)`` views and runs one ``tl.range(...,
 warp_specialize=True)`` loop over the keys every row of its tile sees: a producer warp issues the TMA
-loads, two consumer warpgroups (64 query rows each) do the GEMMs and the online softmax. Under causal the
-diagonal tile comes after that loop, unspecialized, with the mask; causal tiles launch longest first.
-A build with the score mask on every block (windows, ragged tiles) left non-finite rows on the H100 while
-correct in the interpreter (2026-11-24), so those calls run the portable kernel (``hopper_fwd_eligible``).
+loads, two consumer warpgroups (64 query rows each) do the GEMMs and the online softmax. Causal (S_q <= S_k,
+whole tiles): at D <= 128 that loop covers the keys before each diagonal tile, mask-free, and
+``_attn_fwd_diag_kernel`` adds the diagonal; at D = 256 the loop masks the diagonal itself
+(``causal_mode``). Causal tiles launch longest first. Windows, varlen and ragged tiles run the portable
+kernel (``hopper_fwd_eligible``).
 
 Triton 3.6 specializes Hopper loops only over device-side descriptors: with host descriptors the same
 kernels compiled and then hung on an H100 (``scripts/ws_bisect.py``, 2026-11-24). The launcher turns
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..configs import interpreting, pick_attn_fwd_hopper_config
+from .masking import _score_mask
 from .softmax import _online_softmax, _scores_unscaled, _softmax_finish
 
 
@@ -92,8 +94,8 @@ def _attn_fwd_ws_kernel(
     h64 = h.to(tl.int64)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    o_ptrs = o_ptr + b64 * stride_ob + h64 * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty))
+    o_tile = o_ptr + b64 * stride_ob + h64 * stride_oh + m_start.to(tl.int64) * stride_os
+    tl.store(o_tile + (tl.arange(0, BLOCK_M) * stride_os)[:, None] + offs_dv[None, :], out.to(o_ptr.dtype.element_ty))
     tl.store(lse_ptr + b64 * stride_lb + h64 * stride_lh + offs_m, lse)
 
 
@@ -139,7 +141,8 @@ def _attn_fwd_diag_kernel(
         k_rows = (diag + keys).to(tl.int64)
         k = tl.load(k_base + k_rows[:, None] * stride_ks + offs_d[None, :])
         x = _scores_unscaled(tl.dot(q, tl.trans(k)), softcap_scale, HAS_SOFTCAP)
-        x = tl.where(keys[None, :] <= rows[:, None], x, float("-inf"))
+        visible = _score_mask(m_start + rows, diag + keys, seqlen_q, seqlen_k, 0, seqlen_k - seqlen_q, False, True)
+        x = tl.where(visible, x, float("-inf"))
         # Row r sees key diag + 0 in the first tile: m_i is finite from it on.
         p, alpha, m_i, l_i = _online_softmax(x, qk_scale, m_i, l_i, False)
         v = tl.load(v_base + k_rows[:, None] * stride_vs + offs_dv[None, :])
@@ -191,6 +194,8 @@ def hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seq
     if k.shape[1] % cfg.block_n != 0 or q.shape[1] % cfg.block_m != 0:
         return False
     if causal and (q.shape[1] > k.shape[1] or cfg.block_m % cfg.block_n):
+        return False
+    if out.stride(1) * cfg.block_m >= 2**31:  # the output store's row offsets within a tile are 32-bit
         return False
     return all(_tma_ok(x) for x in (q, k, v)) and q.numel() > 0 and k.shape[1] > 0
 
