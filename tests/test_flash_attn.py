@@ -69,6 +69,10 @@ FLAG_CASES = {
     "scale-zero-window": dict(softmax_scale=0.0, window_size=(10, 5)),
     "sink": dict(sink=True),
     "sink-causal-window": dict(sink=True, causal=True, window_size=(9, -1)),
+    # deterministic=True: the separate dQ kernel instead of the atomic-dQ backward
+    "deterministic": dict(deterministic=True),
+    "deterministic-softcap-causal": dict(deterministic=True, softcap=5.0, causal=True),
+    "deterministic-sink-window": dict(deterministic=True, sink=True, window_size=(9, 3)),
 }
 
 
@@ -77,12 +81,13 @@ FLAG_CASES = {
 def test_flags(name, dtype, device):
     flags = dict(FLAG_CASES[name])
     sink = flags.pop("sink", False)
+    deterministic = flags.pop("deterministic", False)
     shape = (2, 77, 93, 4, 2, 32, 32)
     q, k, v = make_qkv(shape, dtype, device, seed=7)
     tensors = dict(q=q, k=k, v=v)
     if sink:
         tensors["learnable_sink"] = torch.randn(4).to(device)
-    check_against_ref(_dense_fn(**flags), tensors, flags)
+    check_against_ref(_dense_fn(deterministic=deterministic, **flags), tensors, flags)
 
 
 def test_fp32(device):
@@ -120,6 +125,17 @@ def test_noncontiguous(device):
 def test_dense_gpu(shape, causal, dtype, device):
     q, k, v = make_qkv(shape, dtype, device, seed=sum(shape))
     check_against_ref(_dense_fn(causal=causal), dict(q=q, k=k, v=v), dict(causal=causal), ref_fp64=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(1, 1023, 1024, 4, 2, 64, 64), (1, 4096, 4096, 2, 1, 128, 128),
+                                   (1, 2049, 2048, 2, 2, 256, 256), (2, 239, 1, 6, 2, 128, 128)], ids=shape_id)
+def test_deterministic_gpu(shape, causal, device):
+    """The deterministic backward (separate dQ kernel, the sm90 table's tiles) against the reference."""
+    q, k, v = make_qkv(shape, torch.bfloat16, device, seed=sum(shape))
+    check_against_ref(_dense_fn(causal=causal, deterministic=True), dict(q=q, k=k, v=v), dict(causal=causal),
+                      ref_fp64=False)
 
 
 def test_sink_gradient_over_many_rows_bf16(device):

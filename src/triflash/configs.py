@@ -60,6 +60,11 @@ _BWD_TABLE = {
     90: [(64, AttnBwdConfig(64, 64, 4, 2)), (128, AttnBwdConfig(64, 64, 4, 2)),
          (256, AttnBwdConfig(64, 64, 8, 2))],
 }
+# The atomic-dQ backward (deterministic=False): one kernel per key block computes dK, dV and its share of dQ.
+_BWD_ATOMIC_TABLE = {
+    90: [(64, AttnBwdConfig(64, 128, 8, 2)), (128, AttnBwdConfig(64, 128, 8, 2)),
+         (256, AttnBwdConfig(64, 32, 8, 2))],
+}
 # Valid on any CUDA GPU with enough shared memory for the largest head dim; also the fp32 (testing) rows on
 # every GPU: the sm90 tables are sized for 2-byte tiles (fp32 at D=256 with the (128, 64) forward tile needs
 # more shared memory than an H100 has; the transformers GPU tier's fp32 Gemma2 D=256 tests failed or ran
@@ -194,8 +199,9 @@ def pick_num_splits(device, programs: int, max_seqlen_k: int, block_n: int, max_
     return 1 << (splits.bit_length() - 1)
 
 
-def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool) -> AttnBwdConfig:
-    """The backward tile config for this device and problem."""
+def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool, atomic: bool = False) -> AttnBwdConfig:
+    """The backward tile config for this device and problem: the dK/dV kernel that also adds dQ with atomics
+    (``atomic``), or the dK/dV and dQ kernels of the deterministic backward."""
     if "bwd" in _OVERRIDE:
         return _OVERRIDE["bwd"]
     arch = _arch(device)
@@ -203,7 +209,8 @@ def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool) -> AttnBw
         return _INTERP_BWD
     if dtype == torch.float32:
         return _lookup(_BWD_FALLBACK, max(d, dv))
-    return _lookup(_BWD_TABLE.get(arch, _BWD_FALLBACK), max(d, dv))
+    table = (_BWD_ATOMIC_TABLE if atomic else _BWD_TABLE).get(arch, _BWD_FALLBACK)
+    return _lookup(table, max(d, dv))
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def _attn_fwd_op(
     page_table: Optional[Tensor], kv_batch_idx: Optional[Tensor], leftpad_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     window_left: Optional[int], window_right: Optional[int], softcap: float, sink: Optional[Tensor],
-    num_splits: int, pack_gqa: bool,
+    num_splits: int, pack_gqa: bool, deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     out, lse = _new_outputs(q, v, cu_seqlens_q)
     _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx,
@@ -132,12 +132,14 @@ def _attn_bwd_op(
     seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     window_left: Optional[int], window_right: Optional[int], softcap: float, sink: Optional[Tensor],
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dsink = _new_grads(q, k, v, cu_seqlens_q, cu_seqlens_k, sink)
     ds = attn_bwd(dout, q, k, v, out, lse, dlse, dq, dk, dv, cu_seqlens_q=cu_seqlens_q,
                   cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
-                  window_left=window_left, window_right=window_right, softcap=softcap, sink=sink)
+                  window_left=window_left, window_right=window_right, softcap=softcap, sink=sink,
+                  deterministic=deterministic)
     if ds is not None:
         dsink.copy_(ds)
     return dq, dk, dv, dsink
@@ -145,16 +147,18 @@ def _attn_bwd_op(
 
 @_attn_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
-      max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink):
+      max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink, deterministic=False):
     return _new_grads(q, k, v, cu_seqlens_q, cu_seqlens_k, sink)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, used_q, used_k, page_table, kv_batch_idx, leftpad_k, max_q, max_k, scale, left, right,
-     softcap, sink, _, _) = inputs
+     softcap, sink, _, _, *deterministic) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, sink)
     ctx.args = (max_q, max_k, scale, left, right, softcap)
+    ctx.deterministic = bool(deterministic and deterministic[0])
+    ctx.n_extra = len(deterministic)  # the optional trailing argument, when the caller passed it
     ctx.has_sink = sink is not None
     ctx.forward_only = next((name for name, t in (("page_table", page_table), ("cache_batch_idx", kv_batch_idx),
                                                   ("cache_leftpad", leftpad_k)) if t is not None), None)
@@ -175,9 +179,9 @@ def _backward(ctx, dout, dlse):
     if dlse is not None and not dlse.is_contiguous():
         dlse = dlse.contiguous()
     dq, dk, dv, dsink = torch.ops.triflash.attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, used_q,
-                                                    used_k, *ctx.args, sink)
+                                                    used_k, *ctx.args, sink, ctx.deterministic)
     grads = [dq, dk, dv] + [None] * 13 + [dsink.to(sink.dtype) if ctx.has_sink else None, None, None]
-    return tuple(grads)
+    return tuple(grads + [None] * ctx.n_extra)
 
 
 torch.library.register_autograd("triflash::attn_fwd", _backward, setup_context=_setup_context)
@@ -334,7 +338,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         lse = torch.ops.triflash.attn_fwd_out(q, k, v, out, *args)
         result = out
     else:
-        result, lse = torch.ops.triflash.attn_fwd(q, k, v, *args)
+        result, lse = torch.ops.triflash.attn_fwd(q, k, v, *args, bool(deterministic))
         if out is not None:
             out.copy_(result)
             result = out
@@ -365,7 +369,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
         pack_gqa: None = choose (pack when it cuts the query tiles, e.g. decode); True = fold the
             ``H // Hk`` query heads of a kv head into one tile; False = off. Forward-only like
             num_splits. Neither changes results beyond rounding.
-        deterministic: accepted; triflash's backward is always bitwise reproducible (no atomics).
+        deterministic: True: bitwise reproducible gradients (dK/dV and dQ in separate kernels); False (the
+            default): dQ is added with fp32 atomics by the dK/dV kernel, faster, reproducible up to rounding.
         return_lse: also return the log-sum-exp ``(B, H, Sq)`` fp32 (natural log, differentiable).
         out: optional preallocated ``(B, Sq, H, Dv)`` output written in place.
         qv, q_descale, k_descale, v_descale, score_mod, score_mod_bwd, mask_mod, aux_tensors,

@@ -74,7 +74,7 @@ def _check_grad_buffer(name, buf, like):
 
 def bwd(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
         seqused_q=None, seqused_k=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-        dlse=None, dq=None, dk=None, dv=None):
+        dlse=None, dq=None, dk=None, dv=None, deterministic=False):
     """Attention backward from a caller-supplied ``out`` and ``lse``; no autograd.
 
     ``out`` and ``lse`` need not come from ``fwd`` on these ``k``/``v``: with the merged output and
@@ -87,6 +87,7 @@ def bwd(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None, max_se
         out: ``(..., H, Dv)``; lse: fp32 ``(B, H, Sq)`` dense or ``(H, Tq)`` packed.
         dlse: optional gradient of ``lse`` (same shape), for losses that use the LSE.
         dq, dk, dv: optional buffers shaped like q, k, v; the gradients are copied into them.
+        deterministic: True for bitwise reproducible gradients (no atomics; slower), as in the functions.
 
     Returns:
         ``(dq, dk, dv)`` in the dtypes of q, k, v. Packed tokens outside every sequence get 0.
@@ -116,7 +117,8 @@ def bwd(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None, max_se
         lse = lse.contiguous()
         dlse = dlse.contiguous() if dlse is not None else None
         grads = torch.ops.triflash.attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_q,
-                                            seqused_k, max_q, max_k, scale, left, right, softcap, None)[:3]
+                                            seqused_k, max_q, max_k, scale, left, right, softcap, None,
+                                            bool(deterministic))[:3]
         result = []
         for buf, g in zip((dq, dk, dv), grads):
             result.append(buf.copy_(g) if buf is not None else g)

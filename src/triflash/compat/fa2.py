@@ -10,7 +10,8 @@ Differences from flash_attn 2.x:
       always ``None``: triflash never materialises the attention matrix (FA2's is only a testing aid
       with unspecified scaling). ``softmax_lse`` is fp32 ``(B, H, Sq)`` dense, ``(H, Tq)`` varlen (the
       layout of flash_attn >= 2.4) and, unlike FA2's, is differentiable.
-    - ``deterministic`` is accepted: triflash's backward is always bitwise reproducible.
+    - ``deterministic=True`` gives bitwise reproducible gradients (a separate dQ kernel, no atomics); the
+      default adds dQ with fp32 atomics, as FA2 does.
     - ``flash_attn_varlen_func(..., block_table=...)`` (paged KV) and ``flash_attn_with_kvcache`` are
       forward-only, as in FA2.
 """

@@ -14,7 +14,7 @@ Mapping and differences:
     - ``q_descale`` / ``k_descale`` / ``v_descale``: vLLM passes them for every dtype; they are
       ignored unless q is fp8 (fp8 attention is not built yet and raises ``NotImplementedError``).
     - ``scheduler_metadata``: a performance hint, accepted and not read (triflash plans its own
-      schedule). ``deterministic``: accepted (the backward is always reproducible).
+      schedule). ``deterministic``: as in ``flash_attn_func`` (True: no atomics, bitwise reproducible).
       ``return_attn_probs``: accepted and without effect, as in vLLM (use ``return_softmax_lse``).
     - ``fa_version`` must be 2 or 3; both run the same kernels.
     - Not built (``NotImplementedError`` naming them): ``q_v``, ``dropout_p > 0``, ``alibi_slopes``,

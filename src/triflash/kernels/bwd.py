@@ -1,13 +1,15 @@
-"""Attention backward: delta preprocess, then dK/dV and dQ in two kernels with no atomics.
+"""Attention backward: delta preprocess, then dK/dV and dQ.
 
 ``_attn_bwd_dkdv_kernel`` owns one key block of one kv head and loops over the query heads of its
-GQA group, so the group's gradients are reduced in registers; ``_attn_bwd_dq_kernel`` owns one
-query block. Both recompute P from the saved LSE. No program writes what another writes, so the
-gradients are bitwise reproducible whatever ``deterministic`` says.
+GQA group, so the group's dK/dV are reduced in registers. By default (``deterministic=False``) it also
+computes each tile's share of dQ = dS K and adds it into an fp32 accumulator with atomics: five GEMMs
+per tile, FlashAttention's scheme. With ``deterministic=True`` a second kernel, ``_attn_bwd_dq_kernel``,
+owns one query block and recomputes P and dP for it (seven GEMMs per tile); no program then writes
+what another writes, so the gradients are bitwise reproducible. Both recompute P from the saved LSE.
 
 The LSE gradient folds into delta: ``dS = P * (dP - (rowsum(dO * O) - dLSE))``; the sink gradient
-is ``sum_i exp(sink - lse_i) * (dLSE_i - sum_j P_ij dP_ij)``, the row sum taken in fp32 in the dQ
-kernel rather than from the rounded output (derivation in docs/design.md).
+is ``sum_i exp(sink - lse_i) * (dLSE_i - sum_j P_ij dP_ij)``, the row sum taken in fp32 (in the dQ kernel,
+or added per key block with atomics) rather than from the rounded output (derivation in docs/design.md).
 """
 
 import torch
@@ -58,11 +60,25 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                start_m, end_m, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-                lo_off, hi_off, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+def _atomic_add_tile(ptrs, x, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """``*ptrs += x`` (relaxed fp32 atomics), masking only what the constexpr flags say may be out of range."""
+    if CHECK_ROWS and CHECK_COLS:
+        tl.atomic_add(ptrs, x, mask=row_ok & col_ok, sem="relaxed")
+    elif CHECK_ROWS:
+        tl.atomic_add(ptrs, x, mask=row_ok, sem="relaxed")
+    elif CHECK_COLS:
+        tl.atomic_add(ptrs, x, mask=col_ok, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, dsink_base, stride_qs, stride_dos,
+                stride_dqs, start_m, end_m, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+                sink_log2, lo_off, hi_off, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, HAS_SINK: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
     PAD_D: tl.constexpr = offs_d.shape[0] != HEAD_DIM
     PAD_DV: tl.constexpr = offs_dv.shape[0] != HEAD_DIM_V
     d_ok = offs_d < HEAD_DIM
@@ -88,17 +104,25 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
         dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
             dst = dst * (1.0 - t * t)
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=INPUT_PRECISION)
+        dst = dst.to(qt.dtype)
+        dk = tl.dot(dst, tl.trans(qt), dk, input_precision=INPUT_PRECISION)
+        if ATOMIC_DQ:  # this key block's share of dQ = dS K, unscaled, added into the fp32 accumulator
+            dq = tl.dot(tl.trans(dst), k, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_D]
+            _atomic_add_tile(dq_base + rows[:, None] * stride_dqs + offs_d[None, :], dq, m_ok[:, None],
+                             d_ok[None, :], MASKED, PAD_D)
+            if HAS_SINK:  # the sink gradient's row term: -P_sink * sum_j P_ij dP_ij over these keys
+                p_sink = tl.math.exp2(sink_log2 - lse)
+                tl.atomic_add(dsink_base + offs_m, -p_sink * tl.sum(pt * dpt, 0), mask=m_ok, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, sink_ptr, dsink_rows_ptr,
     cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+    stride_dvb, stride_dvs, stride_dvh, stride_dqab, stride_dqas, stride_dqah, stride_lb, stride_lh,
     seqlen_q_pad, seqlen_k_pad, group_size, qk_scale, softcap_scale, softmax_scale,
     window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -106,8 +130,10 @@ def _attn_bwd_dkdv_kernel(
     IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr,
     HAS_SEQUSED_Q: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, HAS_SINK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """dK and dV of one key block of one kv head; with ``ATOMIC_DQ`` also its share of dQ (and of the sink
+    gradient's row terms), added with fp32 atomics: five GEMMs per tile instead of the two kernels' seven."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -143,18 +169,18 @@ def _attn_bwd_dkdv_kernel(
         do_base = do_ptr + b64 * stride_dob + h64 * stride_doh + q_row0 * stride_dos
         lse_base = lse_ptr + b64 * stride_lb + h64 * stride_lh + q_row0
         delta_base = delta_ptr + b64 * stride_lb + h64 * stride_lh + q_row0
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                             lo, mid_lo, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
-                             softcap_scale, lo_off, hi_off, BLOCK_M, HEAD_DIM, HEAD_DIM_V, True,
-                             HAS_RIGHT, HAS_LEFT, HAS_SOFTCAP, INPUT_PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                             mid_lo, mid_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
-                             softcap_scale, lo_off, hi_off, BLOCK_M, HEAD_DIM, HEAD_DIM_V, False,
-                             HAS_RIGHT, HAS_LEFT, HAS_SOFTCAP, INPUT_PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                             mid_hi, hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale,
-                             softcap_scale, lo_off, hi_off, BLOCK_M, HEAD_DIM, HEAD_DIM_V, True,
-                             HAS_RIGHT, HAS_LEFT, HAS_SOFTCAP, INPUT_PRECISION)
+        dq_base = dq_acc_ptr + b64 * stride_dqab + h64 * stride_dqah + q_row0 * stride_dqas
+        dsink_base = dsink_rows_ptr + b64 * stride_lb + h64 * stride_lh + q_row0
+        sink_log2 = 0.0
+        if HAS_SINK:
+            sink_log2 = tl.load(sink_ptr + h64).to(tl.float32) * 1.4426950408889634
+        for part in tl.static_range(3):  # masked rows above, full blocks, masked rows below
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, dsink_base,
+                                 stride_qs, stride_dos, stride_dqas, (lo, mid_lo, mid_hi)[part],
+                                 (mid_lo, mid_hi, hi)[part], offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
+                                 qk_scale, softcap_scale, sink_log2, lo_off, hi_off, BLOCK_M, HEAD_DIM,
+                                 HEAD_DIM_V, part != 1, HAS_RIGHT, HAS_LEFT, HAS_SOFTCAP, ATOMIC_DQ, HAS_SINK,
+                                 INPUT_PRECISION)
 
     cap_ok = (offs_n < k_cap)[:, None]
     tl.store(dk_ptr + b64 * stride_dkb + hk64 * stride_dkh + keys[:, None] * stride_dks + offs_d[None, :],
@@ -272,10 +298,13 @@ def _attn_bwd_dq_kernel(
 
 
 def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-             max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink):
+             max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink,
+             deterministic=False):
     """Launches the backward into ``dq``, ``dk``, ``dv`` (preallocated, layouts of q, k, v).
 
     ``dlse`` (layout of ``lse``) may be None. Returns the sink gradient ``(H,)`` fp32 or None.
+    ``deterministic=False``: one kernel adds dQ (and the sink's row terms) with fp32 atomics, in an order
+    that may change from run to run; ``True``: a separate dQ kernel, bitwise reproducible.
     """
     varlen_q = cu_seqlens_q is not None
     varlen_k = cu_seqlens_k is not None
@@ -288,7 +317,8 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
             dk.zero_()
             dv.zero_()
         return dsink
-    cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None)
+    atomic = not deterministic
+    cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None, atomic=atomic)
     delta = torch.empty_like(lse)
     dsink_rows = torch.zeros_like(lse) if sink is not None else None
     stride_lb, stride_lh = (0, lse.stride(0)) if varlen_q else (lse.stride(0), lse.stride(1))
@@ -319,13 +349,19 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
                left, right)
     in_strides = (*_strides3(q, varlen_q), *_strides3(k, varlen_k), *_strides3(v, varlen_k),
                   *_strides3(do, varlen_q))
+    # fp32 dQ accumulator of the atomic path (unscaled; zero where no key is seen)
+    dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if atomic else dummy
     if max_seqlen_k > 0:
         launch(
             _attn_bwd_dkdv_kernel, (triton.cdiv(max_seqlen_k, cfg.block_n), nheads_k, batch),
-            q, k, v, do, lse, delta, dk, dv, *seq_ptrs, *in_strides,
-            *_strides3(dk, varlen_k), *_strides3(dv, varlen_k), stride_lb, stride_lh, *scalars, **common,
+            q, k, v, do, lse, delta, dk, dv, dq_acc, sink if sink is not None else dummy,
+            dsink_rows if sink is not None else dummy, *seq_ptrs, *in_strides,
+            *_strides3(dk, varlen_k), *_strides3(dv, varlen_k), *_strides3(dq_acc, varlen_q), stride_lb, stride_lh,
+            *scalars, **common, ATOMIC_DQ=atomic, HAS_SINK=atomic and sink is not None,
         )
-    if max_seqlen_q > 0:
+    if atomic:
+        dq.copy_(dq_acc.mul_(softmax_scale))
+    elif max_seqlen_q > 0:
         launch(
             _attn_bwd_dq_kernel, (triton.cdiv(max_seqlen_q, cfg.block_m), nheads, batch),
             q, k, v, do, lse, delta, dq, sink if sink is not None else dummy,

@@ -1,0 +1,108 @@
+"""The backward's variants against cuDNN, side by side (GPU; diagnosis and tuning).
+
+For each (D, causal, S) cell of the FlashAttention benchmark convention (16k tokens, H = 2048 / D, bf16),
+times the backward (``torch.autograd.grad`` of one forward) of torch SDPA's cuDNN backend, triflash's
+deterministic backward (dQ kernel) and its atomic-dQ backward with the table's config and with each config
+asked for (``--configs``, forced through ``configs.use_configs``). Each is first checked against cuDNN's
+gradients (max abs error printed), then timed as the median of ``triton.testing.do_bench``. Prints one row
+per provider and writes JSONL.
+
+    python scripts/bwd_variants.py [--out rows.jsonl] [--d 64,128,256] [--seqlens 1024,4096,16384]
+        [--configs 64x128x8x2,64x64x4x2]
+"""
+
+import argparse
+import json
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from triflash import flash_attn_func
+from triflash.configs import AttnBwdConfig, use_configs
+
+
+def _grad_fn(fwd, q, k, v, do):
+    out = fwd(q, k, v)
+    return lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+
+
+def _cudnn(causal):
+    def fwd(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+    return fwd
+
+
+def _triflash(causal, deterministic, cfg=None):
+    """(forward, forced backward config or None for the table's)."""
+    def fwd(q, k, v):
+        return flash_attn_func(q, k, v, causal=causal, deterministic=deterministic)
+    return fwd, cfg
+
+
+def run_cell(d, causal, s, configs, dev="cuda"):
+    b, h = 16384 // s, 2048 // d
+    gen = torch.Generator(device=dev).manual_seed(s + d)
+    q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+    ref = _grad_fn(_cudnn(causal), q, k, v, do)()
+    provs = {"cudnn": (_cudnn(causal), None), "det": _triflash(causal, True), "atomic": _triflash(causal, False)}
+    for text in configs:
+        provs[f"atomic-{text}"] = _triflash(causal, False, AttnBwdConfig(*[int(x) for x in text.split("x")]))
+    rows = []
+    for name, (fwd, cfg) in provs.items():
+        row = dict(d=d, causal=causal, s=s, b=b, h=h, provider=name)
+        try:
+            with use_configs(bwd=cfg):
+                fn = _grad_fn(fwd, q, k, v, do)
+                grads = fn()
+                torch.cuda.synchronize()
+                row["max_err"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
+                row["finite"] = all(bool(torch.isfinite(g).all()) for g in grads)
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            row["ms"] = ms
+            row["tflops"] = flops / ms / 1e9
+        except Exception as exc:  # a config that does not build or run: report it, go on
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bwd_variants.jsonl")
+    ap.add_argument("--d", default="64,128,256")
+    ap.add_argument("--seqlens", default="1024,4096,16384")
+    ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--configs", default="", help="comma list of BMxBNxWARPSxSTAGES for the atomic backward")
+    ap.add_argument("--configs-256", default="", help="as --configs, for D=256 only")
+    args = ap.parse_args()
+    rows = []
+    with open(args.out, "w") as fh:
+        for d in [int(x) for x in args.d.split(",")]:
+            text = args.configs_256 if d == 256 else args.configs
+            configs = [c for c in text.split(",") if c]
+            for causal in [bool(int(x)) for x in args.causal.split(",")]:
+                for s in [int(x) for x in args.seqlens.split(",")]:
+                    for row in run_cell(d, causal, s, configs):
+                        fh.write(json.dumps(row) + "\n")
+                        fh.flush()
+                        rows.append(row)
+    print("\n| D | causal | S | provider | TFLOP/s | max err | x cuDNN |")
+    base = {(r["d"], r["causal"], r["s"]): r.get("tflops") for r in rows if r["provider"] == "cudnn"}
+    for r in rows:
+        c = base.get((r["d"], r["causal"], r["s"]))
+        t = r.get("tflops")
+        ratio = f"{t / c:.2f}" if t and c else "-"
+        print(f"| {r['d']} | {int(r['causal'])} | {r['s']} | {r['provider']} | {t or 0:.0f} | "
+              f"{r.get('max_err', float('nan')):.3g}{'' if r.get('finite', True) else ' NONFINITE'} | {ratio} |"
+              + (f" {r['error']}" if "error" in r else ""))
+
+
+if __name__ == "__main__":
+    main()
