@@ -8,7 +8,7 @@ gradients (max abs error printed), then timed as the median of ``triton.testing.
 per provider and writes JSONL.
 
     python scripts/bwd_variants.py [--out rows.jsonl] [--d 64,128,256] [--seqlens 1024,4096,16384]
-        [--configs 64x128x8x2,64x64x4x2]
+        [--configs 64x128x8x2,64x64x4x2] [--det-configs ...] [--configs-256 ...] [--det-configs-256 ...]
 """
 
 import argparse
@@ -42,7 +42,7 @@ def _triflash(causal, deterministic, cfg=None):
     return fwd, cfg
 
 
-def run_cell(d, causal, s, configs, dev="cuda"):
+def run_cell(d, causal, s, configs, det_configs=(), dev="cuda"):
     b, h = 16384 // s, 2048 // d
     gen = torch.Generator(device=dev).manual_seed(s + d)
     q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
@@ -53,6 +53,8 @@ def run_cell(d, causal, s, configs, dev="cuda"):
     provs = {"cudnn": (_cudnn(causal), None), "det": _triflash(causal, True), "atomic": _triflash(causal, False)}
     for text in configs:
         provs[f"atomic-{text}"] = _triflash(causal, False, AttnBwdConfig(*[int(x) for x in text.split("x")]))
+    for text in det_configs:
+        provs[f"det-{text}"] = _triflash(causal, True, AttnBwdConfig(*[int(x) for x in text.split("x")]))
     rows = []
     for name, (fwd, cfg) in provs.items():
         row = dict(d=d, causal=causal, s=s, b=b, h=h, provider=name)
@@ -81,15 +83,18 @@ def main():
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--configs", default="", help="comma list of BMxBNxWARPSxSTAGES for the atomic backward")
     ap.add_argument("--configs-256", default="", help="as --configs, for D=256 only")
+    ap.add_argument("--det-configs", default="", help="as --configs, for the deterministic backward")
+    ap.add_argument("--det-configs-256", default="", help="as --det-configs, for D=256 only")
     args = ap.parse_args()
     rows = []
     with open(args.out, "w") as fh:
         for d in [int(x) for x in args.d.split(",")]:
             text = args.configs_256 if d == 256 else args.configs
             configs = [c for c in text.split(",") if c]
+            det_configs = [c for c in (args.det_configs_256 if d == 256 else args.det_configs).split(",") if c]
             for causal in [bool(int(x)) for x in args.causal.split(",")]:
                 for s in [int(x) for x in args.seqlens.split(",")]:
-                    for row in run_cell(d, causal, s, configs):
+                    for row in run_cell(d, causal, s, configs, det_configs):
                         fh.write(json.dumps(row) + "\n")
                         fh.flush()
                         rows.append(row)

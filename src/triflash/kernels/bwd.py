@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..configs import pick_attn_bwd_config
+from ..configs import interpreting, pick_attn_bwd_config
 from .fwd import _pow2, _strides3, input_precision, softmax_args, window_args
+from .fwd_hopper import ensure_scratch_allocator
 from .launch import launch
 from .masking import _block_range, _load_tile, _score_mask, _seq_info
 from .softmax import _scores_log2
@@ -73,12 +74,15 @@ def _atomic_add_tile(ptrs, x, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_CO
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, dsink_base, stride_qs, stride_dos,
-                stride_dqs, start_m, end_m, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-                sink_log2, lo_off, hi_off, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, HAS_SINK: tl.constexpr,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_dst, dq_row0, dq_col, dsink_base,
+                stride_qs, stride_dos, stride_dqs, start_m, end_m, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
+                qk_scale, softcap_scale, sink_log2, lo_off, hi_off, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HEAD_DIM_V: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, DQ_MODE: tl.constexpr, HAS_SINK: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr):
+    """Accumulates dK, dV over query blocks [start_m, end_m); with ``DQ_MODE`` 1 (pointer atomics into
+    ``dq_dst``, the head's base) or 2 (TMA reduce-add through the descriptor ``dq_dst`` at rows
+    ``dq_row0 + m``, column ``dq_col``) adds each block's dQ share too."""
     PAD_D: tl.constexpr = offs_d.shape[0] != HEAD_DIM
     PAD_DV: tl.constexpr = offs_dv.shape[0] != HEAD_DIM_V
     d_ok = offs_d < HEAD_DIM
@@ -106,10 +110,13 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, ds
             dst = dst * (1.0 - t * t)
         dst = dst.to(qt.dtype)
         dk = tl.dot(dst, tl.trans(qt), dk, input_precision=INPUT_PRECISION)
-        if ATOMIC_DQ:  # this key block's share of dQ = dS K, unscaled, added into the fp32 accumulator
+        if DQ_MODE != 0:  # this key block's share of dQ = dS K, unscaled, added into the fp32 accumulator
             dq = tl.dot(tl.trans(dst), k, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_D]
-            _atomic_add_tile(dq_base + rows[:, None] * stride_dqs + offs_d[None, :], dq, m_ok[:, None],
-                             d_ok[None, :], MASKED, PAD_D)
+            if DQ_MODE == 2:  # rows past the sequence add zeros (their dS is 0); the tensor's edge clips
+                dq_dst.atomic_add([dq_row0 + start, dq_col], dq)
+            else:
+                _atomic_add_tile(dq_dst + rows[:, None] * stride_dqs + offs_d[None, :], dq, m_ok[:, None],
+                                 d_ok[None, :], MASKED, PAD_D)
             if HAS_SINK:  # the sink gradient's row term: -P_sink * sum_j P_ij dP_ij over these keys
                 p_sink = tl.math.exp2(sink_log2 - lse)
                 tl.atomic_add(dsink_base + offs_m, -p_sink * tl.sum(pt * dpt, 0), mask=m_ok, sem="relaxed")
@@ -124,16 +131,18 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh, stride_dqab, stride_dqas, stride_dqah, stride_lb, stride_lh,
     seqlen_q_pad, seqlen_k_pad, group_size, qk_scale, softcap_scale, softmax_scale,
-    window_left, window_right,
+    window_left, window_right, dq_rows, dq_cols,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr,
     HAS_SEQUSED_Q: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, HAS_SINK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DQ_MODE: tl.constexpr, HAS_SINK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """dK and dV of one key block of one kv head; with ``ATOMIC_DQ`` also its share of dQ (and of the sink
-    gradient's row terms), added with fp32 atomics: five GEMMs per tile instead of the two kernels' seven."""
+    """dK and dV of one key block of one kv head; with ``DQ_MODE`` 1 or 2 also its share of dQ (and of the
+    sink gradient's row terms), added with fp32 atomics (2: TMA reduce-add of the whole tile over the
+    ``(dq_rows, dq_cols)`` view of the contiguous accumulator): five GEMMs per tile instead of the two
+    kernels' seven."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -163,23 +172,31 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     q_row0 = q_start.to(tl.int64)
+    if DQ_MODE == 2:
+        desc_dq = tl.make_tensor_descriptor(dq_acc_ptr, shape=[dq_rows, dq_cols], strides=[stride_dqas, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D])
     for g in range(0, group_size):
         h64 = hk64 * group_size + g
         q_base = q_ptr + b64 * stride_qb + h64 * stride_qh + q_row0 * stride_qs
         do_base = do_ptr + b64 * stride_dob + h64 * stride_doh + q_row0 * stride_dos
         lse_base = lse_ptr + b64 * stride_lb + h64 * stride_lh + q_row0
         delta_base = delta_ptr + b64 * stride_lb + h64 * stride_lh + q_row0
-        dq_base = dq_acc_ptr + b64 * stride_dqab + h64 * stride_dqah + q_row0 * stride_dqas
+        if DQ_MODE == 2:
+            dq_dst = desc_dq
+        else:
+            dq_dst = dq_acc_ptr + b64 * stride_dqab + h64 * stride_dqah + q_row0 * stride_dqas
+        dq_row0 = b * seqlen_q_pad + q_start
+        dq_col = (h64 * HEAD_DIM).to(tl.int32)
         dsink_base = dsink_rows_ptr + b64 * stride_lb + h64 * stride_lh + q_row0
         sink_log2 = 0.0
         if HAS_SINK:
             sink_log2 = tl.load(sink_ptr + h64).to(tl.float32) * 1.4426950408889634
         for part in tl.static_range(3):  # masked rows above, full blocks, masked rows below
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, dsink_base,
-                                 stride_qs, stride_dos, stride_dqas, (lo, mid_lo, mid_hi)[part],
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_dst, dq_row0, dq_col,
+                                 dsink_base, stride_qs, stride_dos, stride_dqas, (lo, mid_lo, mid_hi)[part],
                                  (mid_lo, mid_hi, hi)[part], offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
                                  qk_scale, softcap_scale, sink_log2, lo_off, hi_off, BLOCK_M, HEAD_DIM,
-                                 HEAD_DIM_V, part != 1, HAS_RIGHT, HAS_LEFT, HAS_SOFTCAP, ATOMIC_DQ, HAS_SINK,
+                                 HEAD_DIM_V, part != 1, HAS_RIGHT, HAS_LEFT, HAS_SOFTCAP, DQ_MODE, HAS_SINK,
                                  INPUT_PRECISION)
 
     cap_ok = (offs_n < k_cap)[:, None]
@@ -297,6 +314,12 @@ def _attn_bwd_dq_kernel(
              (dq * softmax_scale).to(dq_ptr.dtype.element_ty), mask=cap_ok & (offs_d < HEAD_DIM)[None, :])
 
 
+def tma_reduce_ok(device, d) -> bool:
+    """Whether the atomic dQ can use TMA reduce-add: an sm_90 GPU, not the interpreter, 16-byte rows."""
+    return (not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and d % 4 == 0)
+
+
 def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
              max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink,
              deterministic=False):
@@ -349,15 +372,22 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
                left, right)
     in_strides = (*_strides3(q, varlen_q), *_strides3(k, varlen_k), *_strides3(v, varlen_k),
                   *_strides3(do, varlen_q))
-    # fp32 dQ accumulator of the atomic path (unscaled; zero where no key is seen)
+    # fp32 dQ accumulator of the atomic path (contiguous, unscaled; zero where no key is seen). On Hopper
+    # each tile is added with one TMA reduce-add instead of per-element atomics.
     dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if atomic else dummy
+    dq_mode = 0
+    if atomic:
+        dq_mode = 2 if tma_reduce_ok(q.device, d) else 1
+        if dq_mode == 2:
+            ensure_scratch_allocator()
+    dq_rows = dq_acc.shape[0] if varlen_q else dq_acc.shape[0] * dq_acc.shape[1]
     if max_seqlen_k > 0:
         launch(
             _attn_bwd_dkdv_kernel, (triton.cdiv(max_seqlen_k, cfg.block_n), nheads_k, batch),
             q, k, v, do, lse, delta, dk, dv, dq_acc, sink if sink is not None else dummy,
             dsink_rows if sink is not None else dummy, *seq_ptrs, *in_strides,
             *_strides3(dk, varlen_k), *_strides3(dv, varlen_k), *_strides3(dq_acc, varlen_q), stride_lb, stride_lh,
-            *scalars, **common, ATOMIC_DQ=atomic, HAS_SINK=atomic and sink is not None,
+            *scalars, dq_rows, nheads * d, **common, DQ_MODE=dq_mode, HAS_SINK=atomic and sink is not None,
         )
     if atomic:
         dq.copy_(dq_acc.mul_(softmax_scale))

@@ -157,6 +157,14 @@ def _alloc_scratch(size, alignment, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def ensure_scratch_allocator():
+    """Device-side descriptors need Triton's scratch allocator; a caller's own allocator is kept."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_alloc_scratch)
+
+
 def _tma_ok(x):
     """Packed heads over a (B * S, H * D) view, 16-byte aligned base and row stride (what TMA needs)."""
     b, s, h, d = x.shape
@@ -235,7 +243,6 @@ def attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, softcap, sink, causal=F
     query tiles longest first (the last tile index first, over every head and sequence), the order that
     shortens a causal launch's tail. ``impl`` (default ``causal_mode(D)``) forces how the diagonal is done.
     """
-    from triton.runtime import _allocation
 
     from .fwd import fwd_softmax_args
 
@@ -246,8 +253,7 @@ def attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, softcap, sink, causal=F
         raise ValueError(f"attn_fwd_hopper needs whole tiles: S_q % {cfg.block_m} and S_k % {cfg.block_n} == 0")
     if causal and (seqlen_q > seqlen_k or cfg.block_m % cfg.block_n):
         raise ValueError("attn_fwd_hopper: causal needs S_q <= S_k and block_m a multiple of block_n")
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_alloc_scratch)  # device descriptors need scratch; a caller's allocator is kept
+    ensure_scratch_allocator()
     q, qk_scale, softcap_scale = fwd_softmax_args(q, softmax_scale, softcap)
     mode = (impl or causal_mode(d)) if causal else 0
     lpt = causal if lpt is None else lpt
