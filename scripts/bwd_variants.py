@@ -9,6 +9,7 @@ per provider and writes JSONL.
 
     python scripts/bwd_variants.py [--out rows.jsonl] [--d 64,128,256] [--seqlens 1024,4096,16384]
         [--configs 64x128x8x2,64x64x4x2] [--det-configs ...] [--configs-256 ...] [--det-configs-256 ...]
+        [--dq-configs ...] [--profile]
 """
 
 import argparse
@@ -35,14 +36,29 @@ def _cudnn(causal):
     return fwd
 
 
-def _triflash(causal, deterministic, cfg=None):
-    """(forward, forced backward config or None for the table's)."""
+def _triflash(causal, deterministic, cfg=None, dq_cfg=None):
+    """(forward, forced configs: every backward kernel's, the dQ kernel's; None for the table's)."""
     def fwd(q, k, v):
         return flash_attn_func(q, k, v, causal=causal, deterministic=deterministic)
-    return fwd, cfg
+    return fwd, (cfg, dq_cfg)
 
 
-def run_cell(d, causal, s, configs, det_configs=(), dev="cuda"):
+def _cfg(text):
+    return AttnBwdConfig(*[int(x) for x in text.split("x")])
+
+
+def _kernel_us(fn, reps=5):
+    """Microseconds per call of each CUDA kernel ``fn`` launches (torch profiler), by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:40]: round(e.device_time_total / reps, 1) for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False, dev="cuda"):
     b, h = 16384 // s, 2048 // d
     gen = torch.Generator(device=dev).manual_seed(s + d)
     q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
@@ -50,22 +66,28 @@ def run_cell(d, causal, s, configs, det_configs=(), dev="cuda"):
         x.requires_grad_(True)
     flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
     ref = _grad_fn(_cudnn(causal), q, k, v, do)()
-    provs = {"cudnn": (_cudnn(causal), None), "det": _triflash(causal, True), "atomic": _triflash(causal, False)}
+    provs = {"cudnn": (_cudnn(causal), (None, None)), "det": _triflash(causal, True),
+             "atomic": _triflash(causal, False)}
     for text in configs:
-        provs[f"atomic-{text}"] = _triflash(causal, False, AttnBwdConfig(*[int(x) for x in text.split("x")]))
-    for text in det_configs:
-        provs[f"det-{text}"] = _triflash(causal, True, AttnBwdConfig(*[int(x) for x in text.split("x")]))
+        provs[f"atomic-{text}"] = _triflash(causal, False, _cfg(text))
+    for text in det_configs:  # "DKDV" (both kernels) or "DKDV/DQ"
+        parts = [_cfg(t) for t in text.split("/")]
+        provs[f"det-{text}"] = _triflash(causal, True, parts[0], parts[1] if len(parts) > 1 else None)
+    for text in dq_configs:
+        provs[f"det-dq-{text}"] = _triflash(causal, True, None, _cfg(text))
     rows = []
-    for name, (fwd, cfg) in provs.items():
+    for name, (fwd, (cfg, dq_cfg)) in provs.items():
         row = dict(d=d, causal=causal, s=s, b=b, h=h, provider=name)
         try:
-            with use_configs(bwd=cfg):
+            with use_configs(bwd=cfg, bwd_dq=dq_cfg):
                 fn = _grad_fn(fwd, q, k, v, do)
                 grads = fn()
                 torch.cuda.synchronize()
                 row["max_err"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
                 row["finite"] = all(bool(torch.isfinite(g).all()) for g in grads)
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                if profile and name in ("det", "atomic"):
+                    row["kernel_us"] = _kernel_us(fn)
             row["ms"] = ms
             row["tflops"] = flops / ms / 1e9
         except Exception as exc:  # a config that does not build or run: report it, go on
@@ -83,8 +105,11 @@ def main():
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--configs", default="", help="comma list of BMxBNxWARPSxSTAGES for the atomic backward")
     ap.add_argument("--configs-256", default="", help="as --configs, for D=256 only")
-    ap.add_argument("--det-configs", default="", help="as --configs, for the deterministic backward")
+    ap.add_argument("--det-configs", default="",
+                    help="as --configs, for the deterministic backward; DKDV/DQ: each kernel its own")
     ap.add_argument("--det-configs-256", default="", help="as --det-configs, for D=256 only")
+    ap.add_argument("--dq-configs", default="", help="as --configs, the deterministic backward's dQ kernel alone")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of the table's det and atomic runs")
     args = ap.parse_args()
     rows = []
     with open(args.out, "w") as fh:
@@ -92,9 +117,10 @@ def main():
             text = args.configs_256 if d == 256 else args.configs
             configs = [c for c in text.split(",") if c]
             det_configs = [c for c in (args.det_configs_256 if d == 256 else args.det_configs).split(",") if c]
+            dq_configs = [c for c in args.dq_configs.split(",") if c]
             for causal in [bool(int(x)) for x in args.causal.split(",")]:
                 for s in [int(x) for x in args.seqlens.split(",")]:
-                    for row in run_cell(d, causal, s, configs, det_configs):
+                    for row in run_cell(d, causal, s, configs, det_configs, dq_configs, args.profile):
                         fh.write(json.dumps(row) + "\n")
                         fh.flush()
                         rows.append(row)
@@ -106,7 +132,7 @@ def main():
         ratio = f"{t / c:.2f}" if t and c else "-"
         print(f"| {r['d']} | {int(r['causal'])} | {r['s']} | {r['provider']} | {t or 0:.0f} | "
               f"{r.get('max_err', float('nan')):.3g}{'' if r.get('finite', True) else ' NONFINITE'} | {ratio} |"
-              + (f" {r['error']}" if "error" in r else ""))
+              + (f" {r['error']}" if "error" in r else "") + (f" {r['kernel_us']}" if "kernel_us" in r else ""))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ _BWD_TABLE = {
     90: [(64, AttnBwdConfig(64, 64, 4, 2)), (128, AttnBwdConfig(64, 64, 4, 2)),
          (256, AttnBwdConfig(64, 64, 8, 2))],
 }
+_BWD_DQ_TABLE = _BWD_TABLE
 # The atomic-dQ backward (deterministic=False): one kernel per key block computes dK, dV and its share of dQ.
 _BWD_ATOMIC_TABLE = {
     90: [(64, AttnBwdConfig(64, 128, 8, 2)), (128, AttnBwdConfig(64, 128, 8, 2)),
@@ -119,7 +120,7 @@ _OVERRIDE: dict[str, object] = {}
 
 @contextlib.contextmanager
 def use_configs(**configs):
-    """Force configs (keys ``fwd``, ``bwd``, ``fwd_hopper``) inside a ``with`` block: the tuner's hook."""
+    """Force configs (keys ``fwd``, ``bwd``, ``bwd_dq``, ``fwd_hopper``) inside a ``with`` block: the tuner's hook."""
     saved = dict(_OVERRIDE)
     _OVERRIDE.update({k: v for k, v in configs.items() if v is not None})
     try:
@@ -199,9 +200,14 @@ def pick_num_splits(device, programs: int, max_seqlen_k: int, block_n: int, max_
     return 1 << (splits.bit_length() - 1)
 
 
-def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool, atomic: bool = False) -> AttnBwdConfig:
-    """The backward tile config for this device and problem: the dK/dV kernel that also adds dQ with atomics
-    (``atomic``), or the dK/dV and dQ kernels of the deterministic backward."""
+def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool, kernel: str = "dkdv") -> AttnBwdConfig:
+    """The backward tile config for this device and problem, for ``kernel``: ``"fused"`` (the dK/dV kernel
+    that also adds dQ with atomics), or ``"dkdv"`` / ``"dq"`` (the deterministic backward's two kernels).
+
+    Overrides: ``bwd`` forces every backward kernel's config, ``bwd_dq`` the dQ kernel's alone.
+    """
+    if kernel == "dq" and "bwd_dq" in _OVERRIDE:
+        return _OVERRIDE["bwd_dq"]
     if "bwd" in _OVERRIDE:
         return _OVERRIDE["bwd"]
     arch = _arch(device)
@@ -209,7 +215,7 @@ def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool, atomic: b
         return _INTERP_BWD
     if dtype == torch.float32:
         return _lookup(_BWD_FALLBACK, max(d, dv))
-    table = (_BWD_ATOMIC_TABLE if atomic else _BWD_TABLE).get(arch, _BWD_FALLBACK)
+    table = {"fused": _BWD_ATOMIC_TABLE, "dq": _BWD_DQ_TABLE}.get(kernel, _BWD_TABLE).get(arch, _BWD_FALLBACK)
     return _lookup(table, max(d, dv))
 
 

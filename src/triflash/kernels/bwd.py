@@ -314,6 +314,10 @@ def _attn_bwd_dq_kernel(
              (dq * softmax_scale).to(dq_ptr.dtype.element_ty), mask=cap_ok & (offs_d < HEAD_DIM)[None, :])
 
 
+def _tiles(cfg):
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def tma_reduce_ok(device, d) -> bool:
     """Whether the atomic dQ can use TMA reduce-add: an sm_90 GPU, not the interpreter, 16-byte rows."""
     return (not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
@@ -341,7 +345,8 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
             dv.zero_()
         return dsink
     atomic = not deterministic
-    cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None, atomic=atomic)
+    cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None,
+                               "fused" if atomic else "dkdv")
     delta = torch.empty_like(lse)
     dsink_rows = torch.zeros_like(lse) if sink is not None else None
     stride_lb, stride_lh = (0, lse.stride(0)) if varlen_q else (lse.stride(0), lse.stride(1))
@@ -361,10 +366,9 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
     left, right, has_left, has_right = window_args(window_left, window_right)
     common = dict(
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k,
+        IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k,
         HAS_SEQUSED_Q=seqused_q is not None, HAS_SEQUSED_K=seqused_k is not None,
-        HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0,
-        INPUT_PRECISION=input_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_LEFT=has_left, HAS_RIGHT=has_right, HAS_SOFTCAP=softcap > 0, INPUT_PRECISION=input_precision(q.dtype),
     )
     seq_ptrs = (cu_seqlens_q if varlen_q else dummy, cu_seqlens_k if varlen_k else dummy,
                 seqused_q if seqused_q is not None else dummy, seqused_k if seqused_k is not None else dummy)
@@ -387,16 +391,19 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
             q, k, v, do, lse, delta, dk, dv, dq_acc, sink if sink is not None else dummy,
             dsink_rows if sink is not None else dummy, *seq_ptrs, *in_strides,
             *_strides3(dk, varlen_k), *_strides3(dv, varlen_k), *_strides3(dq_acc, varlen_q), stride_lb, stride_lh,
-            *scalars, dq_rows, nheads * d, **common, DQ_MODE=dq_mode, HAS_SINK=atomic and sink is not None,
+            *scalars, dq_rows, nheads * d, **common, **_tiles(cfg), DQ_MODE=dq_mode,
+            HAS_SINK=atomic and sink is not None,
         )
     if atomic:
         dq.copy_(dq_acc.mul_(softmax_scale))
     elif max_seqlen_q > 0:
+        dq_cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None, "dq")
         launch(
-            _attn_bwd_dq_kernel, (triton.cdiv(max_seqlen_q, cfg.block_m), nheads, batch),
+            _attn_bwd_dq_kernel, (triton.cdiv(max_seqlen_q, dq_cfg.block_m), nheads, batch),
             q, k, v, do, lse, delta, dq, sink if sink is not None else dummy,
             dsink_rows if sink is not None else dummy, *seq_ptrs, *in_strides,
-            *_strides3(dq, varlen_q), stride_lb, stride_lh, *scalars, **common, HAS_SINK=sink is not None,
+            *_strides3(dq, varlen_q), stride_lb, stride_lh, *scalars, **common, **_tiles(dq_cfg),
+            HAS_SINK=sink is not None,
         )
     if sink is not None:
         dsink = dsink_rows.sum(dim=tuple(i for i in range(dsink_rows.dim()) if i != (0 if varlen_q else 1)))
