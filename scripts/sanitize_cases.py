@@ -1,7 +1,7 @@
 """Kernel variants run under compute-sanitizer by scripts/gpu_run.sh (memcheck, racecheck, initcheck).
 
 Small shapes, every path: dense/varlen/seqused, GQA, causal/window, softcap, sink, padded head dims,
-fp16/bf16, empty sequences, forward and backward; the Hopper (TMA) forward; paged KV, split-KV and
+fp16/bf16, empty sequences, forward and backward (both dQ paths); the Hopper (TMA) forward; paged KV, split-KV and
 the combine kernel, pack_gqa, and the KV-cache append with rotary. Each is checked against
 attention_ref.
 """
@@ -15,6 +15,7 @@ if DEV == "cpu":  # a logic check of this script through Triton's interpreter (n
     os.environ["TRITON_INTERPRET"] = "1"
 
 from triflash import attention_ref, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
+from triflash.configs import use_configs  # noqa: E402
 
 
 def rnd(*shape, dtype):
@@ -86,6 +87,10 @@ def main():
         errs.append(dense(dtype, 128, 256, 2, 1, 256, 256, causal=True))
         errs.append(dense(dtype, 128, 256, 2, 2, 64, 64))
         del os.environ["TRIFLASH_HOPPER"]
+        with use_configs(bwd_atomic=True):  # the atomic-dQ backward (TMA reduce-add on sm_90), forced
+            errs.append(dense(dtype, 200, 300, 4, 2, 128, 128, causal=True, learnable_sink=sink))
+            errs.append(dense(dtype, 70, 70, 2, 2, 256, 256, causal=True))
+            errs.append(varlen(dtype, 64))
         for page_size, splits in ((1, 1), (16, 3), (64, 0)):
             errs.append(paged(dtype, page_size, splits))
         errs.append(kvcache_append(dtype))

@@ -1,8 +1,10 @@
-"""Compile the Hopper forward's table configs (causal or not) for sm_90 with no GPU and print a JSON report per config.
+"""Compile the Hopper kernels' table configs (causal or not) for sm_90 with no GPU; print a JSON report per config.
 
-Run as a script in a process without TRITON_INTERPRET (kernels must be JIT functions, not interpreted).
+``python sm90_compile.py``: the warp-specialized forward; ``python sm90_compile.py bwd``: the atomic-dQ
+backward with its TMA reduce-add. Run without TRITON_INTERPRET (kernels must be JIT functions).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -14,8 +16,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from triflash.configs import _FWD_HOPPER_TABLE
-from triflash.kernels import fwd_hopper
+from triflash.configs import _BWD_ATOMIC_TABLE, _FWD_HOPPER_TABLE
+from triflash.kernels import bwd, fwd_hopper
 
 
 def _tool(name):
@@ -77,6 +79,44 @@ def compile_config(head_dim, cfg, causal):
                 **dict(zip(("hot_loops", "loop_spills"), loop_spills(compiled.asm["cubin"]))))
 
 
+def compile_bwd_config(head_dim, cfg, causal):
+    """The atomic-dQ dK/dV kernel (DQ_MODE 2) as the dispatcher launches it for bf16, 16-byte aligned tensors."""
+    kernel = bwd._attn_bwd_dkdv_kernel
+    consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=head_dim, BLOCK_DV=head_dim, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, IS_VARLEN_Q=False, IS_VARLEN_K=False, HAS_SEQUSED_Q=False,
+                  HAS_SEQUSED_K=False, HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, DQ_MODE=2,
+                  HAS_SINK=False, INPUT_PRECISION="tf32")
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("lse_ptr", "delta_ptr", "sink_ptr", "dsink_rows_ptr", "dq_acc_ptr"):
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*bf16"
+        elif name.startswith(("cu_seqlens", "seqused")):
+            sig[name] = "*i32"
+        else:
+            sig[name] = "fp32" if "scale" in name else "i32"
+    # Triton specializes 16-divisible pointers and integers at launch; the pipeliner's async copies need it.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if sig[n].startswith("*") or n.startswith("stride") or n.endswith("_pad")}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptx = compiled.asm["ptx"]
+    report = ptxas_report(ptx)
+    return dict(head_dim=head_dim, causal=causal, config=list(dataclasses.astuple(cfg)),
+                wgmma="wgmma.mma_async" in ptx, tma_reduce="cp.reduce.async.bulk.tensor" in ptx,
+                smem=compiled.metadata.shared,
+                spill_stores=[int(n) for n in re.findall(r"(\d+) bytes spill stores", report)],
+                **dict(zip(("hot_loops", "loop_spills"), loop_spills(compiled.asm["cubin"]))))
+
+
 if __name__ == "__main__":
-    json.dump([compile_config(bound, cfg, causal) for bound, cfg in _FWD_HOPPER_TABLE for causal in (False, True)],
-              sys.stdout)
+    if sys.argv[1:] == ["bwd"]:
+        json.dump([compile_bwd_config(bound, cfg, causal) for bound, cfg in _BWD_ATOMIC_TABLE[90]
+                   for causal in (False, True)], sys.stdout)
+    else:
+        json.dump([compile_config(bound, cfg, causal) for bound, cfg in _FWD_HOPPER_TABLE
+                   for causal in (False, True)], sys.stdout)

@@ -138,6 +138,22 @@ def test_deterministic_gpu(shape, causal, device):
                       ref_fp64=False)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("sink", [False, True], ids=["nosink", "sink"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(1, 1023, 1024, 4, 2, 64, 64), (1, 4096, 4096, 2, 1, 128, 128),
+                                   (1, 2049, 2048, 2, 2, 256, 256), (2, 239, 1, 6, 2, 128, 128),
+                                   (2, 777, 1000, 8, 2, 96, 96)], ids=shape_id)
+def test_atomic_dq_gpu(shape, causal, sink, device):
+    """The atomic-dQ backward (TMA reduce-add on sm_90) forced where the default picks the two kernels."""
+    q, k, v = make_qkv(shape, torch.bfloat16, device, seed=sum(shape) + 1)
+    tensors = dict(q=q, k=k, v=v)
+    if sink:
+        tensors["learnable_sink"] = torch.randn(shape[3]).to(device)
+    with use_configs(bwd_atomic=True):
+        check_against_ref(_dense_fn(causal=causal), tensors, dict(causal=causal), ref_fp64=False)
+
+
 def test_sink_gradient_over_many_rows_bf16(device):
     """dsink sums ~1200 rows of both signs: its row terms must not come from the bf16-rounded output.
 

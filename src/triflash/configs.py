@@ -60,12 +60,31 @@ _BWD_TABLE = {
     90: [(64, AttnBwdConfig(64, 64, 4, 2)), (128, AttnBwdConfig(64, 64, 4, 2)),
          (256, AttnBwdConfig(64, 64, 8, 2))],
 }
-_BWD_DQ_TABLE = _BWD_TABLE
-# The atomic-dQ backward (deterministic=False): one kernel per key block computes dK, dV and its share of dQ.
-_BWD_ATOMIC_TABLE = {
-    90: [(64, AttnBwdConfig(64, 128, 8, 2)), (128, AttnBwdConfig(64, 128, 8, 2)),
-         (256, AttnBwdConfig(64, 32, 8, 2))],
+# The dQ kernel's rows. D=256: 128x32 tiles on 8 warps (H100, 2026-11-24 afternoon, scripts/bwd_variants.py
+# --dq-configs, whole backward vs the dK/dV kernel's 64x64x8x2 for both: non-causal 4k 235 vs 191 TFLOP/s,
+# 16k 236 vs 188; causal 195 vs 167, 217 vs 184). D<=128: 128x64x8x3 measured within +-6% of 64x64x4x2 (both
+# signs), so the row stays.
+_BWD_DQ_TABLE = {
+    90: [(64, AttnBwdConfig(64, 64, 4, 2)), (128, AttnBwdConfig(64, 64, 4, 2)),
+         (256, AttnBwdConfig(128, 32, 8, 2))],
 }
+# The atomic-dQ backward: one kernel per key block computes dK, dV and its share of dQ (TMA reduce-add on
+# Hopper). H100, 2026-11-24 afternoon, scripts/bwd_variants.py, TFLOP/s of the whole backward (4k / 16k):
+#   D=64  64x64x4x2 non-causal 302/334, causal 266/317; 64x128x8x2 273/289, 243/288; 64x64x8x2 148/157.
+#   D=128 64x128x8x2 non-causal 341/364, causal 304/364; 64x64x4x2 207/212 (loop spills); 32x128x8x2 261/268.
+#   D=256 32x64x8x2 non-causal 163/167, causal 133/147; 64x32x8x2 121/121; 64x32x4x2 90/91.
+# The two-kernel backward in the same runs: D=64 non-causal 324/345, causal 261/287; D=128 380/382, 298/340;
+# D=256 191/188, 165/183. The fused kernel runs its five GEMMs at ~370 TFLOP/s where the two kernels run
+# their seven at ~545 (profiler, D=128 16k), so it is the default only where it measured faster
+# (_BWD_ATOMIC_MIN_SK).
+_BWD_ATOMIC_TABLE = {
+    90: [(64, AttnBwdConfig(64, 64, 4, 2)), (128, AttnBwdConfig(64, 128, 8, 2)),
+         (256, AttnBwdConfig(32, 64, 8, 2))],
+}
+# (head-dim bound, causal) -> the shortest S_k from which deterministic=False runs the atomic-dQ kernel on sm90
+# (same runs: D=64 causal 16k 318 vs 287-294, 4k 266-270 vs 261-263; D=128 causal 16k 362-364 vs 340, 4k
+# 298-304 vs 296-299; 1k and every non-causal cell: the two kernels faster).
+_BWD_ATOMIC_MIN_SK = {(64, True): 8192, (128, True): 8192}
 # Valid on any CUDA GPU with enough shared memory for the largest head dim; also the fp32 (testing) rows on
 # every GPU: the sm90 tables are sized for 2-byte tiles (fp32 at D=256 with the (128, 64) forward tile needs
 # more shared memory than an H100 has; the transformers GPU tier's fp32 Gemma2 D=256 tests failed or ran
@@ -120,7 +139,7 @@ _OVERRIDE: dict[str, object] = {}
 
 @contextlib.contextmanager
 def use_configs(**configs):
-    """Force configs (keys ``fwd``, ``bwd``, ``bwd_dq``, ``fwd_hopper``) inside a ``with`` block: the tuner's hook."""
+    """Force configs (keys ``fwd``, ``bwd``, ``bwd_dq``, ``bwd_atomic``, ``fwd_hopper``) inside a ``with`` block."""
     saved = dict(_OVERRIDE)
     _OVERRIDE.update({k: v for k, v in configs.items() if v is not None})
     try:
@@ -198,6 +217,23 @@ def pick_num_splits(device, programs: int, max_seqlen_k: int, block_n: int, max_
         return 1
     splits = max(1, min(-(-target // programs), n_blocks // _SPLIT_MIN_BLOCKS, max_splits))
     return 1 << (splits.bit_length() - 1)
+
+
+def use_atomic_dq(device, d: int, dv: int, causal: bool, max_seqlen_k: int) -> bool:
+    """Whether ``deterministic=False`` runs the atomic-dQ backward (else the two-kernel one).
+
+    On sm90 where it measured faster (``_BWD_ATOMIC_MIN_SK``); in the interpreter always (so the CPU tests
+    run it by default and the two-kernel backward with ``deterministic=True``); nowhere else. Override:
+    ``use_configs(bwd_atomic=True/False)``.
+    """
+    if "bwd_atomic" in _OVERRIDE:
+        return bool(_OVERRIDE["bwd_atomic"])
+    arch = _arch(device)
+    if arch == 0:
+        return True
+    bound = next((b for b in (64, 128, 256) if max(d, dv) <= b), None)
+    need = _BWD_ATOMIC_MIN_SK.get((bound, causal)) if arch == 90 else None
+    return need is not None and max_seqlen_k >= need
 
 
 def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool, kernel: str = "dkdv") -> AttnBwdConfig:

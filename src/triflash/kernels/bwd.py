@@ -1,11 +1,13 @@
 """Attention backward: delta preprocess, then dK/dV and dQ.
 
 ``_attn_bwd_dkdv_kernel`` owns one key block of one kv head and loops over the query heads of its
-GQA group, so the group's dK/dV are reduced in registers. By default (``deterministic=False``) it also
-computes each tile's share of dQ = dS K and adds it into an fp32 accumulator with atomics: five GEMMs
-per tile, FlashAttention's scheme. With ``deterministic=True`` a second kernel, ``_attn_bwd_dq_kernel``,
-owns one query block and recomputes P and dP for it (seven GEMMs per tile); no program then writes
-what another writes, so the gradients are bitwise reproducible. Both recompute P from the saved LSE.
+GQA group, so the group's dK/dV are reduced in registers. With ``deterministic=False``, where
+``configs.use_atomic_dq`` picks it, it also computes each tile's share of dQ = dS K and adds it into an
+fp32 accumulator with atomics (a TMA reduce-add per tile on Hopper): five GEMMs per tile,
+FlashAttention's scheme. Otherwise a second kernel, ``_attn_bwd_dq_kernel``, owns one query block and
+recomputes P and dP for it (seven GEMMs per tile); no program then writes what another writes, so the
+gradients are bitwise reproducible. Both recompute P from the saved LSE. On the H100 the two kernels
+run their seven GEMMs faster than the fused kernel its five except on long causal problems (configs.py).
 
 The LSE gradient folds into delta: ``dS = P * (dP - (rowsum(dO * O) - dLSE))``; the sink gradient
 is ``sum_i exp(sink - lse_i) * (dLSE_i - sum_j P_ij dP_ij)``, the row sum taken in fp32 (in the dQ kernel,
@@ -16,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..configs import interpreting, pick_attn_bwd_config
+from ..configs import interpreting, pick_attn_bwd_config, use_atomic_dq
 from .fwd import _pow2, _strides3, input_precision, softmax_args, window_args
 from .fwd_hopper import ensure_scratch_allocator
 from .launch import launch
@@ -330,8 +332,9 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
     """Launches the backward into ``dq``, ``dk``, ``dv`` (preallocated, layouts of q, k, v).
 
     ``dlse`` (layout of ``lse``) may be None. Returns the sink gradient ``(H,)`` fp32 or None.
-    ``deterministic=False``: one kernel adds dQ (and the sink's row terms) with fp32 atomics, in an order
-    that may change from run to run; ``True``: a separate dQ kernel, bitwise reproducible.
+    ``deterministic=False``: where ``configs.use_atomic_dq`` says (long causal problems on sm90), one kernel
+    adds dQ (and the sink's row terms) with fp32 atomics, in an order that may change from run to run;
+    otherwise, and always with ``True``, a separate dQ kernel, bitwise reproducible.
     """
     varlen_q = cu_seqlens_q is not None
     varlen_k = cu_seqlens_k is not None
@@ -344,7 +347,7 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
             dk.zero_()
             dv.zero_()
         return dsink
-    atomic = not deterministic
+    atomic = not deterministic and use_atomic_dq(q.device, d, dv_dim, window_right is not None, max_seqlen_k)
     cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None,
                                "fused" if atomic else "dkdv")
     delta = torch.empty_like(lse)
