@@ -50,8 +50,10 @@ _INTERP_BWD = AttnBwdConfig(32, 32, 4, 1)
 # (arch, max head dim) -> config; first row whose head-dim bound covers max(D, Dv) wins.
 # sm90 rows: `triflash-bench tune` on an H100 80GB HBM3, 2026-11-24, bf16, S=4096, 16k tokens, model dim
 # 2048, non-causal (fwd D=128 456 TFLOP/s, D=64 413, D=256 482; bwd D=128 388, D=64 325). The bwd D=256
-# row was not timed (budget): chosen as the candidate whose sm_90 build keeps wgmma in both kernels with
-# the fewest spills (ptxas -v on CPU). The D=512 (forward-only Dv) row keeps the accumulator small.
+# dK/dV row, timed since (H100, 2026-11-24 night, scripts/bwd_variants.py, whole backward, non-causal 4k /
+# 16k): 64x64x8x2 191/188 TFLOP/s; 64x64x8x1 159/157, 64x32x8x2 128/117, 32x64x8x2 124/117, 32x32x4x2
+# 113/108, 16x64x4x2 47/46. At D<=128, 8-warp and 3-stage dK/dV rows measured slower (64x64x8x2 D=128
+# 16k 174 vs 385). The D=512 (forward-only Dv) row keeps the accumulator small.
 _FWD_TABLE = {
     90: [(64, AttnFwdConfig(128, 64, 8, 3)), (128, AttnFwdConfig(128, 128, 8, 3)),
          (256, AttnFwdConfig(128, 64, 8, 2)), (512, AttnFwdConfig(64, 32, 8, 2))],
