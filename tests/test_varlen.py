@@ -5,6 +5,7 @@ import torch
 from attn_check import check_against_ref
 
 from triflash import flash_attn_varlen_func
+from triflash.configs import use_configs
 
 
 def _cu(lens, device):
@@ -81,7 +82,7 @@ def test_varlen_matches_dense_per_sequence(device):
     (Without forcing it, a short sequence alone may take the decode tile on a GPU: same result within
     SPEC §6, summed in another order.)"""
     from triflash import flash_attn_func
-    from triflash.configs import pick_attn_fwd_config, use_configs
+    from triflash.configs import pick_attn_fwd_config
 
     tensors, seq = _make("packed", device, torch.float16, seed=2)
     q = tensors["q"]
@@ -99,8 +100,24 @@ def test_varlen_matches_dense_per_sequence(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_varlen_atomic_dq_gpu(case, causal, device):
+    """The CPU cases (packed, padded, seqused, empty sequences) through the atomic-dQ backward forced on the
+    GPU: on sm_90 its TMA reduce-add spans rows past each sequence's end."""
+    tensors, seq = _make(case, device, torch.bfloat16, seed=len(case) + 3)
+
+    def fn(q, k, v):
+        return _varlen_fn(causal=causal)(q, k, v, **seq)
+
+    with use_configs(bwd_atomic=True):
+        check_against_ref(fn, tensors, dict(causal=causal, **seq), ref_fp64=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("atomic", [False, True], ids=["two-kernel", "atomic-dq"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_varlen_gpu(causal, d, device):
+def test_varlen_gpu(causal, d, atomic, device):
     gen = torch.Generator().manual_seed(d)
     lens_q = [0, 4096] + torch.randint(1, 3000, (3,), generator=gen).tolist()
     lens_k = [17, 4096] + torch.randint(1, 3000, (3,), generator=gen).tolist()
@@ -114,4 +131,5 @@ def test_varlen_gpu(causal, d, device):
     def fn(q, k, v):
         return _varlen_fn(causal=causal)(q, k, v, **seq)
 
-    check_against_ref(fn, tensors, dict(causal=causal, **seq), ref_fp64=False)
+    with use_configs(bwd_atomic=atomic):
+        check_against_ref(fn, tensors, dict(causal=causal, **seq), ref_fp64=False)
