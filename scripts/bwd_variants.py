@@ -17,6 +17,7 @@ import json
 
 import torch
 import triton
+from hopper_fwd_variants import print_table  # same directory (run as a script)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from triflash import flash_attn_func
@@ -124,15 +125,7 @@ def main():
                         fh.write(json.dumps(row) + "\n")
                         fh.flush()
                         rows.append(row)
-    print("\n| D | causal | S | provider | TFLOP/s | max err | x cuDNN |")
-    base = {(r["d"], r["causal"], r["s"]): r.get("tflops") for r in rows if r["provider"] == "cudnn"}
-    for r in rows:
-        c = base.get((r["d"], r["causal"], r["s"]))
-        t = r.get("tflops")
-        ratio = f"{t / c:.2f}" if t and c else "-"
-        print(f"| {r['d']} | {int(r['causal'])} | {r['s']} | {r['provider']} | {t or 0:.0f} | "
-              f"{r.get('max_err', float('nan')):.3g}{'' if r.get('finite', True) else ' NONFINITE'} | {ratio} |"
-              + (f" {r['error']}" if "error" in r else "") + (f" {r['kernel_us']}" if "kernel_us" in r else ""))
+    print_table(rows)
 
 
 if __name__ == "__main__":

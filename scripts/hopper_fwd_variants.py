@@ -100,6 +100,19 @@ def run_cell(d, causal, s, variants, dev="cuda"):
     return rows
 
 
+def print_table(rows):
+    """The rows as a markdown table, each provider's TFLOP/s also as a ratio to cuDNN's in its cell."""
+    print("\n| D | causal | S | provider | TFLOP/s | max err | x cuDNN |")
+    base = {(r["d"], r["causal"], r["s"]): r.get("tflops") for r in rows if r["provider"] == "cudnn"}
+    for r in rows:
+        c = base.get((r["d"], r["causal"], r["s"]))
+        t = r.get("tflops")
+        ratio = f"{t / c:.2f}" if t and c else "-"
+        print(f"| {r['d']} | {int(r['causal'])} | {r['s']} | {r['provider']} | {t or 0:.0f} | "
+              f"{r.get('max_err', float('nan')):.3g}{'' if r.get('finite', True) else ' NONFINITE'} | {ratio} |"
+              + (f" {r['error']}" if "error" in r else "") + (f" {r['kernel_us']}" if "kernel_us" in r else ""))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="hopper_fwd_variants.jsonl")
@@ -117,16 +130,7 @@ def main():
                         fh.write(json.dumps(row) + "\n")
                         fh.flush()
                         rows.append(row)
-    print("\n| D | causal | S | provider | TFLOP/s | max err | x cuDNN |")
-    base = {(r["d"], r["causal"], r["s"]): r.get("tflops") for r in rows if r["provider"] == "cudnn"}
-    for r in rows:
-        c = base.get((r["d"], r["causal"], r["s"]))
-        t = r.get("tflops")
-        ratio = f"{t / c:.2f}" if t and c else "-"
-        print(f"| {r['d']} | {int(r['causal'])} | {r['s']} | {r['provider']} | {t or 0:.0f} | "
-              f"{r.get('max_err', float('nan')):.3g}{'' if r.get('finite', True) else ' NONFINITE'} | {ratio} |"
-              + (f" {r['error']}" if "error" in r else ""))
-
+    print_table(rows)
 
 if __name__ == "__main__":
     main()
