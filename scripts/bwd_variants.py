@@ -13,11 +13,10 @@ per provider and writes JSONL.
 """
 
 import argparse
-import json
 
 import torch
 import triton
-from hopper_fwd_variants import print_table  # same directory (run as a script)
+from hopper_fwd_variants import sweep  # same directory (run as a script)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from triflash import flash_attn_func
@@ -112,20 +111,14 @@ def main():
     ap.add_argument("--dq-configs", default="", help="as --configs, the deterministic backward's dQ kernel alone")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the table's det and atomic runs")
     args = ap.parse_args()
-    rows = []
-    with open(args.out, "w") as fh:
-        for d in [int(x) for x in args.d.split(",")]:
-            text = args.configs_256 if d == 256 else args.configs
-            configs = [c for c in text.split(",") if c]
-            det_configs = [c for c in (args.det_configs_256 if d == 256 else args.det_configs).split(",") if c]
-            dq_configs = [c for c in args.dq_configs.split(",") if c]
-            for causal in [bool(int(x)) for x in args.causal.split(",")]:
-                for s in [int(x) for x in args.seqlens.split(",")]:
-                    for row in run_cell(d, causal, s, configs, det_configs, dq_configs, args.profile):
-                        fh.write(json.dumps(row) + "\n")
-                        fh.flush()
-                        rows.append(row)
-    print_table(rows)
+
+    def cell(d, causal, s):
+        configs = [c for c in (args.configs_256 if d == 256 else args.configs).split(",") if c]
+        det_configs = [c for c in (args.det_configs_256 if d == 256 else args.det_configs).split(",") if c]
+        dq_configs = [c for c in args.dq_configs.split(",") if c]
+        return run_cell(d, causal, s, configs, det_configs, dq_configs, args.profile)
+
+    sweep(args, cell)
 
 
 if __name__ == "__main__":

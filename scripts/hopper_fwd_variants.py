@@ -100,6 +100,21 @@ def run_cell(d, causal, s, variants, dev="cuda"):
     return rows
 
 
+def sweep(args, cell):
+    """``cell(d, causal, s)`` over the grid of ``args.d`` x ``args.causal`` x ``args.seqlens``: each row
+    written to ``args.out`` as JSONL as it comes, then the table."""
+    rows = []
+    with open(args.out, "w") as fh:
+        for d in [int(x) for x in args.d.split(",")]:
+            for causal in [bool(int(x)) for x in args.causal.split(",")]:
+                for s in [int(x) for x in args.seqlens.split(",")]:
+                    for row in cell(d, causal, s):
+                        fh.write(json.dumps(row) + "\n")
+                        fh.flush()
+                        rows.append(row)
+    print_table(rows)
+
+
 def print_table(rows):
     """The rows as a markdown table, each provider's TFLOP/s also as a ratio to cuDNN's in its cell."""
     print("\n| D | causal | S | provider | TFLOP/s | max err | x cuDNN |")
@@ -121,16 +136,8 @@ def main():
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--variants", default="ws,ws-nolpt,ws-inloop,ws-s1,ws-s2")
     args = ap.parse_args()
-    rows = []
-    with open(args.out, "w") as fh:
-        for d in [int(x) for x in args.d.split(",")]:
-            for causal in [bool(int(x)) for x in args.causal.split(",")]:
-                for s in [int(x) for x in args.seqlens.split(",")]:
-                    for row in run_cell(d, causal, s, args.variants.split(",")):
-                        fh.write(json.dumps(row) + "\n")
-                        fh.flush()
-                        rows.append(row)
-    print_table(rows)
+    sweep(args, lambda d, causal, s: run_cell(d, causal, s, args.variants.split(",")))
+
 
 if __name__ == "__main__":
     main()
