@@ -2,17 +2,21 @@
 
 For each (D, causal, S) cell of the FlashAttention benchmark convention (16k tokens, H = 2048 / D, bf16),
 times the backward (``torch.autograd.grad`` of one forward) of torch SDPA's cuDNN backend, triflash's
-deterministic backward (dQ kernel) and its atomic-dQ backward with the table's config and with each config
-asked for (``--configs``, forced through ``configs.use_configs``). Each is first checked against cuDNN's
+default backward (``hopper``: the warp-specialized dK/dV kernel of ``kernels/bwd_hopper.py`` where it runs), its
+portable deterministic backward (dQ kernel) and its atomic-dQ backward with the table's config and with each
+config asked for (``--configs``, ``--hopper-configs``, forced through ``configs.use_configs``; ``det`` and
+``atomic`` rows run with ``TRIFLASH_HOPPER_BWD=0``). Each is first checked against cuDNN's
 gradients (max abs error printed), then timed as the median of ``triton.testing.do_bench``. Prints one row
 per provider and writes JSONL.
 
     python scripts/bwd_variants.py [--out rows.jsonl] [--d 64,128,256] [--seqlens 1024,4096,16384]
         [--configs 64x128x8x2,64x64x4x2] [--det-configs ...] [--configs-256 ...] [--det-configs-256 ...]
-        [--dq-configs ...] [--profile]
+        [--dq-configs ...] [--hopper-configs DKDV/DQ,...] [--profile]
 """
 
 import argparse
+import contextlib
+import os
 
 import torch
 import triton
@@ -36,11 +40,35 @@ def _cudnn(causal):
     return fwd
 
 
-def _triflash(causal, deterministic, cfg=None, dq_cfg=None):
-    """(forward, forced configs: every backward kernel's, the dQ kernel's; None for the table's)."""
+def _triflash(causal, deterministic, cfg=None, dq_cfg=None, hopper=False):
+    """(forward, forced configs: every backward kernel's, the dQ kernel's; None for the table's; whether the
+    Hopper backward may run)."""
     def fwd(q, k, v):
         return flash_attn_func(q, k, v, causal=causal, deterministic=deterministic)
-    return fwd, (cfg, dq_cfg)
+    return fwd, (cfg, dq_cfg, hopper)
+
+
+@contextlib.contextmanager
+def _env(name, value):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
+def _forced(cfg, dq_cfg, hopper):
+    """Configs forced for one provider: the Hopper dK/dV kernel's (hopper=True) or the portable ones'."""
+    if hopper:
+        return use_configs(bwd_hopper=cfg, bwd_dq=dq_cfg)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_env("TRIFLASH_HOPPER_BWD", "0"))
+    stack.enter_context(use_configs(bwd=cfg, bwd_dq=dq_cfg))
+    return stack
 
 
 def _cfg(text):
@@ -58,7 +86,7 @@ def _kernel_us(fn, reps=5):
     return {e.key[:40]: round(e.device_time_total / reps, 1) for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False, dev="cuda"):
+def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False, hopper_configs=(), dev="cuda"):
     b, h = 16384 // s, 2048 // d
     gen = torch.Generator(device=dev).manual_seed(s + d)
     q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
@@ -66,8 +94,11 @@ def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False
         x.requires_grad_(True)
     flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
     ref = _grad_fn(_cudnn(causal), q, k, v, do)()
-    provs = {"cudnn": (_cudnn(causal), (None, None)), "det": _triflash(causal, True),
-             "atomic": _triflash(causal, False)}
+    provs = {"cudnn": (_cudnn(causal), (None, None, True)), "hopper": _triflash(causal, True, hopper=True),
+             "det": _triflash(causal, True), "atomic": _triflash(causal, False)}
+    for text in hopper_configs:  # "DKDV/DQ"
+        parts = [_cfg(t) for t in text.split("/")]
+        provs[f"hopper-{text}"] = _triflash(causal, True, parts[0], parts[1] if len(parts) > 1 else None, True)
     for text in configs:
         provs[f"atomic-{text}"] = _triflash(causal, False, _cfg(text))
     for text in det_configs:  # "DKDV" (both kernels) or "DKDV/DQ"
@@ -76,17 +107,17 @@ def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False
     for text in dq_configs:
         provs[f"det-dq-{text}"] = _triflash(causal, True, None, _cfg(text))
     rows = []
-    for name, (fwd, (cfg, dq_cfg)) in provs.items():
+    for name, (fwd, (cfg, dq_cfg, hopper)) in provs.items():
         row = dict(d=d, causal=causal, s=s, b=b, h=h, provider=name)
         try:
-            with use_configs(bwd=cfg, bwd_dq=dq_cfg):
+            with _forced(cfg, dq_cfg, hopper):
                 fn = _grad_fn(fwd, q, k, v, do)
                 grads = fn()
                 torch.cuda.synchronize()
                 row["max_err"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
                 row["finite"] = all(bool(torch.isfinite(g).all()) for g in grads)
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                if profile and name in ("det", "atomic"):
+                if profile and name in ("hopper", "det", "atomic"):
                     row["kernel_us"] = _kernel_us(fn)
             row["ms"] = ms
             row["tflops"] = flops / ms / 1e9
@@ -109,14 +140,16 @@ def main():
                     help="as --configs, for the deterministic backward; DKDV/DQ: each kernel its own")
     ap.add_argument("--det-configs-256", default="", help="as --det-configs, for D=256 only")
     ap.add_argument("--dq-configs", default="", help="as --configs, the deterministic backward's dQ kernel alone")
-    ap.add_argument("--profile", action="store_true", help="per-kernel times of the table's det and atomic runs")
+    ap.add_argument("--hopper-configs", default="", help="the Hopper dK/dV kernel's configs (DKDV or DKDV/DQ)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of the table's runs")
     args = ap.parse_args()
 
     def cell(d, causal, s):
         configs = [c for c in (args.configs_256 if d == 256 else args.configs).split(",") if c]
         det_configs = [c for c in (args.det_configs_256 if d == 256 else args.det_configs).split(",") if c]
         dq_configs = [c for c in args.dq_configs.split(",") if c]
-        return run_cell(d, causal, s, configs, det_configs, dq_configs, args.profile)
+        hopper_configs = [c for c in args.hopper_configs.split(",") if c and d <= 128]
+        return run_cell(d, causal, s, configs, det_configs, dq_configs, args.profile, hopper_configs)
 
     sweep(args, cell)
 

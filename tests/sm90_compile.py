@@ -1,7 +1,8 @@
 """Compile the Hopper kernels' table configs (causal or not) for sm_90 with no GPU; print a JSON report per config.
 
 ``python sm90_compile.py``: the warp-specialized forward; ``python sm90_compile.py bwd``: the atomic-dQ
-backward with its TMA reduce-add. Run without TRITON_INTERPRET (kernels must be JIT functions).
+backward with its TMA reduce-add; ``python sm90_compile.py bwd_hopper``: the warp-specialized dK/dV
+kernel. Run without TRITON_INTERPRET (kernels must be JIT functions).
 """
 
 import dataclasses
@@ -16,8 +17,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from triflash.configs import _BWD_ATOMIC_TABLE, _FWD_HOPPER_TABLE
-from triflash.kernels import bwd, fwd_hopper
+from triflash.configs import _BWD_ATOMIC_TABLE, _BWD_HOPPER_TABLE, _FWD_HOPPER_TABLE
+from triflash.kernels import bwd, bwd_hopper, fwd_hopper
 
 
 def _tool(name):
@@ -98,6 +99,12 @@ def compile_bwd_config(head_dim, cfg, causal):
             sig[name] = "*i32"
         else:
             sig[name] = "fp32" if "scale" in name else "i32"
+    return _build_report(kernel, sig, consts, cfg, head_dim, causal)
+
+
+def _build_report(kernel, sig, consts, cfg, head_dim, causal):
+    """Build ``kernel`` for sm_90 as launched (16-divisible pointers, strides and padded lengths) and report
+    what it holds: wgmma, TMA loads and reduce-adds, warp specialization, shared memory, spills."""
     # Triton specializes 16-divisible pointers and integers at launch; the pipeliner's async copies need it.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
              if sig[n].startswith("*") or n.startswith("stride") or n.endswith("_pad")}
@@ -107,14 +114,36 @@ def compile_bwd_config(head_dim, cfg, causal):
     ptx = compiled.asm["ptx"]
     report = ptxas_report(ptx)
     return dict(head_dim=head_dim, causal=causal, config=list(dataclasses.astuple(cfg)),
-                wgmma="wgmma.mma_async" in ptx, tma_reduce="cp.reduce.async.bulk.tensor" in ptx,
+                wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                tma_reduce="cp.reduce.async.bulk.tensor" in ptx, warp_specialized="setmaxnreg" in ptx,
                 smem=compiled.metadata.shared,
                 spill_stores=[int(n) for n in re.findall(r"(\d+) bytes spill stores", report)],
                 **dict(zip(("hot_loops", "loop_spills"), loop_spills(compiled.asm["cubin"]))))
 
 
+def compile_bwd_hopper_config(head_dim, cfg, causal):
+    """The warp-specialized dK/dV kernel as launched for bf16 (LSE by TMA where non-causal, as the launcher picks)."""
+    kernel = bwd_hopper._attn_bwd_dkdv_ws_kernel
+    consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
+                  HAS_SOFTCAP=False, WARP_SPECIALIZE=True, LSE_TMA=not causal)
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("lse_ptr", "delta_ptr"):
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "fp32" if "scale" in name else "i32"
+    return _build_report(kernel, sig, consts, cfg, head_dim, causal)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["bwd"]:
+    if sys.argv[1:] == ["bwd_hopper"]:
+        json.dump([compile_bwd_hopper_config(bound, rows[causal], causal) for bound, rows in _BWD_HOPPER_TABLE
+                   for causal in (False, True)], sys.stdout)
+    elif sys.argv[1:] == ["bwd"]:
         json.dump([compile_bwd_config(bound, cfg, causal) for bound, cfg in _BWD_ATOMIC_TABLE[90]
                    for causal in (False, True)], sys.stdout)
     else:

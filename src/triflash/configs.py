@@ -141,7 +141,8 @@ _OVERRIDE: dict[str, object] = {}
 
 @contextlib.contextmanager
 def use_configs(**configs):
-    """Force configs (keys ``fwd``, ``bwd``, ``bwd_dq``, ``bwd_atomic``, ``fwd_hopper``) inside a ``with`` block."""
+    """Force configs (keys ``fwd``, ``bwd``, ``bwd_dq``, ``bwd_atomic``, ``fwd_hopper``, ``bwd_hopper``) inside a
+    ``with`` block."""
     saved = dict(_OVERRIDE)
     _OVERRIDE.update({k: v for k, v in configs.items() if v is not None})
     try:
@@ -238,6 +239,11 @@ def use_atomic_dq(device, d: int, dv: int, causal: bool, max_seqlen_k: int) -> b
     return need is not None and max_seqlen_k >= need
 
 
+def atomic_dq_forced() -> bool:
+    """True inside ``use_configs(bwd_atomic=True)``: the atomic-dQ backward wherever it can run (tests, tuning)."""
+    return _OVERRIDE.get("bwd_atomic") is True
+
+
 def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool, kernel: str = "dkdv") -> AttnBwdConfig:
     """The backward tile config for this device and problem, for ``kernel``: ``"fused"`` (the dK/dV kernel
     that also adds dQ with atomics), or ``"dkdv"`` / ``"dq"`` (the deterministic backward's two kernels).
@@ -282,3 +288,24 @@ def pick_attn_fwd_hopper_config(d: int, dv: int, causal: bool) -> AttnFwdHopperC
     if "fwd_hopper" in _OVERRIDE:
         return _OVERRIDE["fwd_hopper"]
     return _lookup(_FWD_HOPPER_TABLE, max(d, dv))
+
+
+# Hopper dK/dV kernel (kernels/bwd_hopper.py), keyed by max(D, Dv): (non-causal row, causal row), 64 query
+# rows per step, 128 keys per program split between two consumer warpgroups (4 warps each) plus a TMA
+# producer warp. H100, 2026-11-24, scripts/ws_bwd_bisect.py (the kernel alone, D=128 bf16, TFLOP/s per GEMM):
+#   S=4k (B=4, H=16): 64x128x4x2 550 (LSE by TMA) / 562 (pointer loads) non-causal, 494 causal; 64x64x4x2
+#   (one consumer warpgroup) 286; the 64x128 build unspecialized 101.
+#   S=16k (B=1, H=16): non-causal 64x128x4x2 607 (TMA) / 595 (pointers), 64x128x4x3 619 (TMA);
+#   causal 64x128x4x2 572 (TMA) / 595 (pointers). The portable dK/dV kernel: ~545 (profiler, 16k non-causal).
+# Whether LSE and delta come by TMA: the kernel's LSE_TMA, picked by bwd_hopper.attn_bwd_hopper_dkdv.
+_BWD_HOPPER_TABLE = [
+    (64, (AttnBwdConfig(64, 128, 4, 3), AttnBwdConfig(64, 128, 4, 2))),
+    (128, (AttnBwdConfig(64, 128, 4, 3), AttnBwdConfig(64, 128, 4, 2))),
+]
+
+
+def pick_attn_bwd_hopper_config(d: int, dv: int, causal: bool) -> AttnBwdConfig:
+    """The Hopper dK/dV kernel's tile config (override ``bwd_hopper``)."""
+    if "bwd_hopper" in _OVERRIDE:
+        return _OVERRIDE["bwd_hopper"]
+    return _lookup(_BWD_HOPPER_TABLE, max(d, dv))[causal]
