@@ -19,8 +19,7 @@ import contextlib
 import os
 
 import torch
-import triton
-from hopper_fwd_variants import sweep  # same directory (run as a script)
+from hopper_fwd_variants import sweep, timed_row  # same directory (run as a script)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from triflash import flash_attn_func
@@ -108,23 +107,19 @@ def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False
         provs[f"det-dq-{text}"] = _triflash(causal, True, None, _cfg(text))
     rows = []
     for name, (fwd, (cfg, dq_cfg, hopper)) in provs.items():
+        def check(row, name=name, fwd=fwd):
+            fn = _grad_fn(fwd, q, k, v, do)
+            grads = fn()
+            torch.cuda.synchronize()
+            row["max_err"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
+            row["finite"] = all(bool(torch.isfinite(g).all()) for g in grads)
+            if profile and name in ("hopper", "det", "atomic"):
+                row["kernel_us"] = _kernel_us(fn)
+            return fn
+
         row = dict(d=d, causal=causal, s=s, b=b, h=h, provider=name)
-        try:
-            with _forced(cfg, dq_cfg, hopper):
-                fn = _grad_fn(fwd, q, k, v, do)
-                grads = fn()
-                torch.cuda.synchronize()
-                row["max_err"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
-                row["finite"] = all(bool(torch.isfinite(g).all()) for g in grads)
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                if profile and name in ("hopper", "det", "atomic"):
-                    row["kernel_us"] = _kernel_us(fn)
-            row["ms"] = ms
-            row["tflops"] = flops / ms / 1e9
-        except Exception as exc:  # a config that does not build or run: report it, go on
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        print(row, flush=True)
-        rows.append(row)
+        rows.append(timed_row(row, check, flops, lambda cfg=cfg, dq_cfg=dq_cfg, hopper=hopper: _forced(cfg, dq_cfg,
+                                                                                                       hopper)))
     return rows
 
 

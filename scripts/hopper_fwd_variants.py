@@ -9,6 +9,7 @@ with NaN), then the median of ``triton.testing.do_bench``. Prints one row per pr
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -82,22 +83,33 @@ def run_cell(d, causal, s, variants, dev="cuda"):
     provs["cudnn"] = functools.partial(_cudnn, qt, kt, vt, causal)
     rows = []
     for name, fn in provs.items():
-        row = dict(d=d, causal=causal, s=s, b=b, h=h, provider=name)
-        try:
+        def check(row, name=name, fn=fn):
             out.fill_(float("nan"))
             res = fn()
             torch.cuda.synchronize()
             got = res.transpose(1, 2).float() if name == "cudnn" else out.float()
             row["max_err"] = (got - ref).abs().max().item()
             row["finite"] = bool(torch.isfinite(got).all())
-            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-            row["ms"] = ms
-            row["tflops"] = flops / ms / 1e9
-        except Exception as exc:  # a variant that does not build or run: report it, go on
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        print(row, flush=True)
-        rows.append(row)
+            return fn
+
+        rows.append(timed_row(dict(d=d, causal=causal, s=s, b=b, h=h, provider=name), check, flops))
     return rows
+
+
+def timed_row(row, check, flops, context=contextlib.nullcontext):
+    """Fill ``row`` for one provider: ``check(row)`` runs it once, records its error against the reference and
+    returns the callable to time; then the median ms and TFLOP/s, all inside ``context()``. A provider that
+    does not build or run gets an ``error`` instead. The row is printed and returned."""
+    try:
+        with context():
+            fn = check(row)
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        row["ms"] = ms
+        row["tflops"] = flops / ms / 1e9
+    except Exception as exc:  # a variant that does not build or run: report it, go on
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    print(row, flush=True)
+    return row
 
 
 def sweep(args, cell):

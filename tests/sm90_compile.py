@@ -125,7 +125,7 @@ def compile_bwd_hopper_config(head_dim, cfg, causal):
     """The warp-specialized dK/dV kernel as launched for bf16 (LSE by TMA or not, as the launcher picks)."""
     kernel = bwd_hopper._attn_bwd_dkdv_ws_kernel
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-                  HAS_SOFTCAP=False, WARP_SPECIALIZE=True, LSE_TMA=not causal or head_dim < 128)
+                  HAS_SOFTCAP=False, WARP_SPECIALIZE=True, LSE_TMA=bwd_hopper.lse_by_tma(head_dim, causal))
     sig = {}
     for name in kernel.arg_names:
         if name in consts:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from attn_check import check_against_ref
+from test_hopper import _inputs
 from tolerance import assert_close
 
 from triflash import attention_ref, flash_attn_func
@@ -28,12 +29,6 @@ CASES = {
 }
 # The interpreter's tile: 32 query rows per step x 64 keys (the GPU row's shape, halved).
 CPU_CONFIGS = dict(bwd_hopper=AttnBwdConfig(32, 64, 4, 1))
-
-
-def _inputs(shape, dtype, device, seed=0):
-    b, sq, sk, h, hk, d = shape
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, generator=gen).to(device, dtype) for s in ((b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d))]
 
 
 def _grads(q, k, v, sink, spec, do, hopper):

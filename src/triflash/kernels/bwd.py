@@ -353,10 +353,11 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
         return dsink
     # The Hopper dK/dV kernel (warp-specialized) with this file's dQ kernel where it runs: faster than the
     # atomic-dQ kernel too (H100, 2026-11-24, D=128 causal 16k 399 vs 360 TFLOP/s, D=64 326 vs 317).
+    causal = window_left is None and window_right == 0
     hopper = hopper is not False and not atomic_dq_forced() and hopper_bwd_eligible(
         q, k, v, dk, dv, do, varlen=varlen_q or varlen_k or seqused_q is not None or seqused_k is not None,
-        causal=window_left is None and window_right == 0,
-        window=window_left is not None or window_right not in (None, 0), force=bool(hopper))
+        causal=causal, window=not causal and (window_left is not None or window_right is not None),
+        force=bool(hopper))
     atomic = not hopper and not deterministic and use_atomic_dq(q.device, d, dv_dim, window_right is not None,
                                                                 max_seqlen_k)
     cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None,
@@ -392,7 +393,7 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
                   *_strides3(do, varlen_q))
     if hopper and max_seqlen_k > 0:
         attn_bwd_hopper_dkdv(do, q, k, v, lse, delta, dk, dv, qk_scale=qk_scale, softcap_scale=softcap_scale,
-                             softmax_scale=softmax_scale, softcap=softcap, causal=window_right == 0)
+                             softmax_scale=softmax_scale, softcap=softcap, causal=causal)
     # fp32 dQ accumulator of the atomic path (contiguous, unscaled; zero where no key is seen). On Hopper
     # each tile is added with one TMA reduce-add instead of per-element atomics.
     dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if atomic else dummy

@@ -143,9 +143,15 @@ def hopper_bwd_eligible(q, k, v, dk, dv, do, *, varlen, causal, window, force=Fa
     s_q, s_k = q.shape[1], k.shape[1]
     if s_q == 0 or s_k == 0 or s_q % cfg.block_m or s_k % cfg.block_n or (causal and s_q > s_k):
         return False
-    if max(x.stride(1) for x in (dk, dv)) * cfg.block_n >= 2**31:
-        return False
     return all(_tma_ok(x) for x in (q, k, v, do, dk, dv))
+
+
+def lse_by_tma(d, causal):
+    """Whether the kernel reads LSE and delta through TMA (where their layout allows, ``lse_tma_ok``) rather
+    than pointer loads: measured faster non-causal (D=128 S=16k 607 vs 595 TFLOP/s per GEMM) and at D=64
+    causal (whole backward 4k/16k 286/326 vs 255/306), slower at D=128 causal (572 vs 595 per GEMM), H100,
+    2026-11-24."""
+    return not causal or d < 128
 
 
 def lse_tma_ok(lse, q):
@@ -158,10 +164,8 @@ def lse_tma_ok(lse, q):
 def attn_bwd_hopper_dkdv(do, q, k, v, lse, delta, dk, dv, *, qk_scale, softcap_scale, softmax_scale, softcap, causal,
                          warp_specialize=None, lse_tma=None):
     """Launches the Hopper dK/dV kernel (``hopper_bwd_eligible``); ``delta`` from ``bwd.py``'s preprocess
-    (``rowsum(dO * O) - dLSE``, the layout of ``lse``). ``lse_tma`` (default: where ``lse_tma_ok``) reads
-    LSE and delta through TMA rather than pointer loads: measured faster non-causal (D=128 S=16k 607 vs 595
-    TFLOP/s per GEMM) and at D=64 causal (whole backward 4k/16k 286/326 vs 255/306), slower at D=128 causal
-    (572 vs 595 per GEMM), H100, 2026-11-24."""
+    (``rowsum(dO * O) - dLSE``, the layout of ``lse``). ``lse_tma`` forces how LSE and delta are read
+    (default: ``lse_by_tma`` where ``lse_tma_ok``)."""
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
     ensure_scratch_allocator()
@@ -172,6 +176,6 @@ def attn_bwd_hopper_dkdv(do, q, k, v, lse, delta, dk, dv, *, qk_scale, softcap_s
         qk_scale, softcap_scale, softmax_scale, HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, CAUSAL=causal, HAS_SOFTCAP=softcap > 0,
         WARP_SPECIALIZE=not interpreting() if warp_specialize is None else warp_specialize,
-        LSE_TMA=((not causal or d < 128) and lse_tma_ok(lse, q)) if lse_tma is None else lse_tma,
+        LSE_TMA=(lse_by_tma(d, causal) and lse_tma_ok(lse, q)) if lse_tma is None else lse_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
