@@ -2,7 +2,8 @@
 
 For each (D, causal, S) cell of the FlashAttention benchmark convention (16k tokens, H = 2048 / D, bf16),
 times the backward (``torch.autograd.grad`` of one forward) of torch SDPA's cuDNN backend, triflash's
-default backward (``hopper``: the warp-specialized dK/dV kernel of ``kernels/bwd_hopper.py`` where it runs), its
+default backward (``gluon``: deterministic=False, the Gluon kernel of ``kernels/bwd_gluon.py`` where it runs), its
+deterministic one (``hopper``: the warp-specialized dK/dV kernel of ``kernels/bwd_hopper.py`` where it runs), its
 portable deterministic backward (dQ kernel) and its atomic-dQ backward with the table's config and with each
 config asked for (``--configs``, ``--hopper-configs``, forced through ``configs.use_configs``; ``det`` and
 ``atomic`` rows run with ``TRIFLASH_HOPPER_BWD=0``). Each is first checked against cuDNN's
@@ -11,7 +12,7 @@ per provider and writes JSONL.
 
     python scripts/bwd_variants.py [--out rows.jsonl] [--d 64,128,256] [--seqlens 1024,4096,16384]
         [--configs 64x128x8x2,64x64x4x2] [--det-configs ...] [--configs-256 ...] [--det-configs-256 ...]
-        [--dq-configs ...] [--hopper-configs DKDV/DQ,...] [--profile]
+        [--dq-configs ...] [--hopper-configs DKDV/DQ,...] [--profile] [--providers gluon,hopper]
 """
 
 import argparse
@@ -66,6 +67,7 @@ def _forced(cfg, dq_cfg, hopper):
         return use_configs(bwd_hopper=cfg, bwd_dq=dq_cfg)
     stack = contextlib.ExitStack()
     stack.enter_context(_env("TRIFLASH_HOPPER_BWD", "0"))
+    stack.enter_context(_env("TRIFLASH_GLUON_BWD", "0"))
     stack.enter_context(use_configs(bwd=cfg, bwd_dq=dq_cfg))
     return stack
 
@@ -85,7 +87,8 @@ def _kernel_us(fn, reps=5):
     return {e.key[:40]: round(e.device_time_total / reps, 1) for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False, hopper_configs=(), dev="cuda"):
+def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False, hopper_configs=(), dev="cuda",
+             providers=None):
     b, h = 16384 // s, 2048 // d
     gen = torch.Generator(device=dev).manual_seed(s + d)
     q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
@@ -93,7 +96,8 @@ def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False
         x.requires_grad_(True)
     flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
     ref = _grad_fn(_cudnn(causal), q, k, v, do)()
-    provs = {"cudnn": (_cudnn(causal), (None, None, True)), "hopper": _triflash(causal, True, hopper=True),
+    provs = {"cudnn": (_cudnn(causal), (None, None, True)), "gluon": _triflash(causal, False, hopper=True),
+             "hopper": _triflash(causal, True, hopper=True),
              "det": _triflash(causal, True), "atomic": _triflash(causal, False)}
     for text in hopper_configs:  # "DKDV/DQ"
         parts = [_cfg(t) for t in text.split("/")]
@@ -107,13 +111,15 @@ def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False
         provs[f"det-dq-{text}"] = _triflash(causal, True, None, _cfg(text))
     rows = []
     for name, (fwd, (cfg, dq_cfg, hopper)) in provs.items():
+        if providers and name not in providers and name != "cudnn":
+            continue
         def check(row, name=name, fwd=fwd):
             fn = _grad_fn(fwd, q, k, v, do)
             grads = fn()
             torch.cuda.synchronize()
             row["max_err"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
             row["finite"] = all(bool(torch.isfinite(g).all()) for g in grads)
-            if profile and name in ("hopper", "det", "atomic"):
+            if profile and name in ("gluon", "hopper", "det", "atomic"):
                 row["kernel_us"] = _kernel_us(fn)
             return fn
 
@@ -137,6 +143,7 @@ def main():
     ap.add_argument("--dq-configs", default="", help="as --configs, the deterministic backward's dQ kernel alone")
     ap.add_argument("--hopper-configs", default="", help="the Hopper dK/dV kernel's configs (DKDV or DKDV/DQ)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the table's runs")
+    ap.add_argument("--providers", default="", help="comma list of the providers to time (default: all; cuDNN always)")
     args = ap.parse_args()
 
     def cell(d, causal, s):
@@ -144,7 +151,8 @@ def main():
         det_configs = [c for c in (args.det_configs_256 if d == 256 else args.det_configs).split(",") if c]
         dq_configs = [c for c in args.dq_configs.split(",") if c]
         hopper_configs = [c for c in args.hopper_configs.split(",") if c and d <= 128]
-        return run_cell(d, causal, s, configs, det_configs, dq_configs, args.profile, hopper_configs)
+        return run_cell(d, causal, s, configs, det_configs, dq_configs, args.profile, hopper_configs,
+                        providers=[p for p in args.providers.split(",") if p])
 
     sweep(args, cell)
 

@@ -2,7 +2,8 @@
 
 ``python sm90_compile.py``: the warp-specialized forward; ``python sm90_compile.py bwd``: the atomic-dQ
 backward with its TMA reduce-add; ``python sm90_compile.py bwd_hopper``: the warp-specialized dK/dV
-kernel. Run without TRITON_INTERPRET (kernels must be JIT functions).
+kernel; ``python sm90_compile.py bwd_gluon``: the Gluon backward. Run without TRITON_INTERPRET (kernels must be
+JIT functions).
 """
 
 import dataclasses
@@ -16,9 +17,11 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
 
-from triflash.configs import _BWD_ATOMIC_TABLE, _BWD_HOPPER_TABLE, _FWD_HOPPER_TABLE
-from triflash.kernels import bwd, bwd_hopper, fwd_hopper
+from triflash.configs import _BWD_ATOMIC_TABLE, _BWD_HOPPER_TABLE, _FWD_HOPPER_TABLE, AttnBwdConfig
+from triflash.kernels import bwd, bwd_gluon, bwd_hopper, fwd_hopper
 
 
 def _tool(name):
@@ -102,18 +105,19 @@ def compile_bwd_config(head_dim, cfg, causal):
     return _build_report(kernel, sig, consts, cfg, head_dim, causal)
 
 
-def _build_report(kernel, sig, consts, cfg, head_dim, causal):
+def _build_report(kernel, sig, consts, cfg, head_dim, causal, source=ASTSource):
     """Build ``kernel`` for sm_90 as launched (16-divisible pointers, strides and padded lengths) and report
     what it holds: wgmma, TMA loads and reduce-adds, warp specialization, shared memory, spills."""
     # Triton specializes 16-divisible pointers and integers at launch; the pipeliner's async copies need it.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
              if sig[n].startswith("*") or n.startswith("stride") or n.endswith("_pad")}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+    compiled = triton.compile(source(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     ptx = compiled.asm["ptx"]
     report = ptxas_report(ptx)
     return dict(head_dim=head_dim, causal=causal, config=list(dataclasses.astuple(cfg)),
+                atomics=len(re.findall(r"atom\.global\.gpu\.relaxed\.add\.v2\.f32", ptx)),
                 wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
                 tma_reduce="cp.reduce.async.bulk.tensor" in ptx, warp_specialized="setmaxnreg" in ptx,
                 smem=compiled.metadata.shared,
@@ -139,8 +143,37 @@ def compile_bwd_hopper_config(head_dim, cfg, causal):
     return _build_report(kernel, sig, consts, cfg, head_dim, causal)
 
 
+def compile_bwd_gluon(head_dim, causal):
+    """The Gluon backward as launched for bf16: host TMA descriptors over Q, dO (64-row blocks), K, V (128)."""
+    kernel = bwd_gluon._attn_bwd_gluon_kernel
+    consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=bwd_gluon.BLOCK_M, BLOCK_N=bwd_gluon.BLOCK_N,
+                  STAGES=bwd_gluon.STAGES, CAUSAL=causal, NUM_WARPS=bwd_gluon.NUM_WARPS,
+                  LOAD_REGS=bwd_gluon.LOAD_REGS)
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[{rows}, {head_dim}],{layout!r}>"
+
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("q_desc", "do_desc", "k_desc", "v_desc"):
+            sig[name] = desc(bwd_gluon.BLOCK_M if name in ("q_desc", "do_desc") else bwd_gluon.BLOCK_N)
+        elif name in ("lse_ptr", "delta_ptr", "dq_ptr"):
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "fp32" if "scale" in name else "i32"
+    cfg = AttnBwdConfig(bwd_gluon.BLOCK_M, bwd_gluon.BLOCK_N, bwd_gluon.NUM_WARPS, bwd_gluon.STAGES)
+    return _build_report(kernel, sig, consts, cfg, head_dim, causal, GluonASTSource)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["bwd_hopper"]:
+    if sys.argv[1:] == ["bwd_gluon"]:
+        json.dump([compile_bwd_gluon(d, causal) for d in (64, 128) for causal in (False, True)], sys.stdout)
+    elif sys.argv[1:] == ["bwd_hopper"]:
         json.dump([compile_bwd_hopper_config(bound, rows[causal], causal) for bound, rows in _BWD_HOPPER_TABLE
                    for causal in (False, True)], sys.stdout)
     elif sys.argv[1:] == ["bwd"]:

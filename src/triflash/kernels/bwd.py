@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..configs import atomic_dq_forced, interpreting, pick_attn_bwd_config, use_atomic_dq
+from .bwd_gluon import attn_bwd_gluon, gluon_bwd_eligible
 from .bwd_hopper import attn_bwd_hopper_dkdv, hopper_bwd_eligible
 from .fwd import _pow2, _strides3, input_precision, softmax_args, window_args
 from .fwd_hopper import ensure_scratch_allocator
@@ -354,12 +355,16 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
     # The Hopper dK/dV kernel (warp-specialized) with this file's dQ kernel where it runs: faster than the
     # atomic-dQ kernel too (H100, 2026-11-24, D=128 causal 16k 399 vs 360 TFLOP/s, D=64 326 vs 317).
     causal = window_left is None and window_right == 0
-    hopper = hopper is not False and not atomic_dq_forced() and hopper_bwd_eligible(
-        q, k, v, dk, dv, do, varlen=varlen_q or varlen_k or seqused_q is not None or seqused_k is not None,
-        causal=causal, window=not causal and (window_left is not None or window_right is not None),
-        force=bool(hopper))
-    atomic = not hopper and not deterministic and use_atomic_dq(q.device, d, dv_dim, window_right is not None,
-                                                                max_seqlen_k)
+    varlen = varlen_q or varlen_k or seqused_q is not None or seqused_k is not None
+    window = not causal and (window_left is not None or window_right is not None)
+    # deterministic=False on sm_90: the Gluon kernel (five GEMMs, dQ by atomics) where it runs.
+    gluon = hopper is not False and not atomic_dq_forced() and gluon_bwd_eligible(
+        q, k, v, dk, dv, do, lse, varlen=varlen, causal=causal, window=window, softcap=softcap, sink=sink,
+        deterministic=deterministic)
+    hopper = not gluon and hopper is not False and not atomic_dq_forced() and hopper_bwd_eligible(
+        q, k, v, dk, dv, do, varlen=varlen, causal=causal, window=window, force=bool(hopper))
+    atomic = not gluon and not hopper and not deterministic and use_atomic_dq(
+        q.device, d, dv_dim, window_right is not None, max_seqlen_k)
     cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None,
                                "fused" if atomic else "dkdv")
     delta = torch.empty_like(lse)
@@ -391,6 +396,12 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
                left, right)
     in_strides = (*_strides3(q, varlen_q), *_strides3(k, varlen_k), *_strides3(v, varlen_k),
                   *_strides3(do, varlen_q))
+    if gluon:
+        dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32)
+        attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, qk_scale=qk_scale, softmax_scale=softmax_scale,
+                       causal=causal)
+        dq.copy_(dq_acc.mul_(softmax_scale))
+        return dsink
     if hopper and max_seqlen_k > 0:
         attn_bwd_hopper_dkdv(do, q, k, v, lse, delta, dk, dv, qk_scale=qk_scale, softcap_scale=softcap_scale,
                              softmax_scale=softmax_scale, softcap=softcap, causal=causal)

@@ -1,0 +1,281 @@
+"""Hopper (sm_90) backward in Gluon: dK, dV and dQ in one kernel, five GEMMs per tile.
+
+FlashAttention-3's scheme, written with explicit warpgroups (plain Triton 3.6 cannot split dQ's
+contraction over keys across its consumer warpgroups, ``bwd_hopper.py``). One program owns a block of
+``BLOCK_N`` = 128 keys of one kv head and loops over (query head of the GQA group, query tile of
+``BLOCK_M`` = 64 rows):
+
+- a producer warp loads K and V once, then each tile's Q and dO by TMA into a ring of ``STAGES`` buffers
+  (``ready``/``empty`` mbarriers);
+- the compute partition (two warpgroups, 64 keys each) recomputes S^T = K Q^T and dP^T = V dO^T (wgmma,
+  issued together), P^T = exp2(S^T * scale - LSE), dS^T = P^T (dP^T - delta), then dV += P^T dO and
+  dK += dS^T Q from registers, stores dS^T to shared memory (double-buffered: one CTA barrier per tile
+  orders both warpgroups' stores before either reads) and computes the tile's dQ share = dS K, each
+  warpgroup half of the head dim over all 128 keys, added into an fp32 accumulator with relaxed atomics.
+
+dQ's order of addition varies from run to run, so this path serves ``deterministic=False`` only
+(``bwd.attn_bwd``); dense batches of packed heads, D = Dv in {64, 128}, fp16/bf16, whole tiles, no
+softcap, sink or window but the causal one (``gluon_bwd_eligible``). Gluon does not run under the
+interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``), the GPU tests run it.
+"""
+
+import os
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ..configs import interpreting
+from .fwd_hopper import _tma_ok
+
+BLOCK_M = 64
+BLOCK_N = 128
+NUM_WARPS = 8  # the compute partition: two warpgroups
+STAGES = 2
+LOAD_REGS = 24  # the producer warp's register budget (setmaxnreg); the compute warps get the rest
+
+
+@gluon.jit
+def _bwd_load_tile(it, q_desc, do_desc, q_smem, do_smem, ready, empty, row, h,
+                   HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr):
+    s = it % STAGES
+    # A fresh barrier counts its phase "before 0" as complete: the first pass does not wait.
+    mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+    bar = ready.index(s)
+    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [row, h * HEAD_DIM], bar, q_smem.index(s))
+    tma.async_copy_global_to_shared(do_desc, [row, h * HEAD_DIM_V], bar, do_smem.index(s))
+
+
+@gluon.jit
+def _bwd_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
+              q_row0, k_row, hk, lo, tiles, n_masked, group_size,
+              HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """The producer warp: K and V of the block once, then Q and dO of every tile, ``STAGES`` ahead, in the
+    compute partition's order."""
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [k_row, hk * HEAD_DIM], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [k_row, hk * HEAD_DIM_V], kv_bar, v_smem)
+    for j in range(group_size * n_masked):
+        g = j // n_masked
+        _bwd_load_tile(j, q_desc, do_desc, q_smem, do_smem, ready, empty, q_row0 + lo + (j - g * n_masked) * BLOCK_M,
+                       hk * group_size + g, HEAD_DIM, HEAD_DIM_V, STAGES)
+    n_free = tiles - n_masked
+    first = group_size * n_masked
+    for j in range(group_size * n_free):
+        g = j // n_free
+        _bwd_load_tile(first + j, q_desc, do_desc, q_smem, do_smem, ready, empty,
+                       q_row0 + lo + (n_masked + j - g * n_free) * BLOCK_M, hk * group_size + g, HEAD_DIM, HEAD_DIM_V,
+                       STAGES)
+
+
+@gluon.jit
+def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty, lse_ptr, delta_ptr, dq_ptr,
+              l_base, dq_row0, dq_col, start, first_row, qk_scale, stride_dqs, zero_s, zero_dq,
+              PA_LAYOUT: gl.constexpr, DSA_LAYOUT: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
+    """One query tile (rows [start, start + BLOCK_M) of one head): dK, dV += its share, its dQ share added
+    at rows ``dq_row0 + start``. ``MASKED``: causal, key r of the block sees tile row c iff
+    r <= c + first_row."""
+    BLOCK_N: gl.constexpr = zero_s.shape[0]
+    BLOCK_M: gl.constexpr = zero_s.shape[1]
+    HEAD_DIM: gl.constexpr = zero_dq.shape[1]
+    s_layout: gl.constexpr = zero_s.type.layout
+    dq_layout: gl.constexpr = zero_dq.type.layout
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    s = it % STAGES
+    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+    q_t = q_smem.index(s)  # [BLOCK_M, HEAD_DIM]
+    do_t = do_smem.index(s)  # [BLOCK_M, HEAD_DIM_V]
+    st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    lse = gl.load(lse_ptr + l_base + start + cols) * 1.4426950408889634
+    delta = gl.load(delta_ptr + l_base + start + cols)
+    st = warpgroup_mma_wait(1, deps=[st])  # [BLOCK_N, BLOCK_M]
+    pt = gl.exp2(st * qk_scale - lse[None, :])
+    if MASKED:
+        keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+        pt = gl.where(keys[:, None] <= (cols + first_row)[None, :], pt, 0.0)
+    dpt = warpgroup_mma_wait(0, deps=[dpt])
+    dv = warpgroup_mma(gl.convert_layout(pt.to(k_smem.dtype), PA_LAYOUT), do_t, dv, is_async=True)
+    ds16 = (pt * (dpt - delta[None, :])).to(k_smem.dtype)
+    dk = warpgroup_mma(gl.convert_layout(ds16, DSA_LAYOUT), q_t, dk, is_async=True)
+    # Two dS buffers: a warpgroup may store the next tile's half while the other still reads this one.
+    ds_buf = ds_smem.index(it % 2)
+    ds_buf.store(ds16)
+    fence_async_shared()
+    gl.thread_barrier()  # both warpgroups' halves of dS^T are in shared memory
+    dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
+    dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
+    mbarrier.arrive(empty.index(s))
+    rows = (dq_row0 + start) + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout)).to(gl.int64)
+    d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
+    gl.atomic_add(dq_ptr + (rows * stride_dqs + dq_col)[:, None] + d_cols[None, :], dq, sem="relaxed")
+    return dk, dv
+
+
+@gluon.jit
+def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
+                 lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, stride_dqs, stride_dks, stride_dvs, stride_lb, stride_lh,
+                 b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
+                 HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """The two compute warpgroups: five GEMMs per tile, dK/dV in registers, dQ shares by atomics. Per query
+    head, the tiles that straddle the causal diagonal (masked) come first, then the rest (mask-free)."""
+    dtype: gl.constexpr = k_smem.dtype
+    # Keys along M (64 per warpgroup) for S^T, dP^T, dK, dV; dQ splits its head dim between the warpgroups.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                        instr_shape=[16, HEAD_DIM_V, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, NUM_WARPS // 4],
+                                                        instr_shape=[16, HEAD_DIM // (NUM_WARPS // 4), 16])
+    pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv_layout, k_width=2)
+    dsa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk_layout, k_width=2)
+
+    zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    zero_dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, dk_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, dv_layout)
+    b64 = b.to(gl.int64)
+    off = seqlen_k - seqlen_q
+    # Causal: tiles starting before n_start - off + BLOCK_N - 1 have a row that misses a key of the block.
+    mbarrier.wait(kv_bar, 0)
+    # Two flat loops over (query head, tile): the masked tiles of every head, then the mask-free ones (the
+    # producer issues the loads in the same order).
+    for j in range(group_size * n_masked):
+        g = j // n_masked
+        start = lo + (j - g * n_masked) * BLOCK_M
+        h = hk * group_size + g
+        dk, dv = _bwd_tile(j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty, lse_ptr, delta_ptr,
+                           dq_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, b64 * seqlen_q, h * HEAD_DIM, start,
+                           start + off - n_start, qk_scale, stride_dqs, zero_s, zero_dq, pa_layout, dsa_layout,
+                           STAGES, True)
+    n_free = tiles - n_masked
+    first = group_size * n_masked
+    for j in range(group_size * n_free):
+        g = j // n_free
+        start = lo + (n_masked + j - g * n_free) * BLOCK_M
+        h = hk * group_size + g
+        dk, dv = _bwd_tile(first + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty, lse_ptr,
+                           delta_ptr, dq_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, b64 * seqlen_q,
+                           h * HEAD_DIM, start, 0, qk_scale, stride_dqs, zero_s, zero_dq, pa_layout, dsa_layout,
+                           STAGES, False)
+
+    k_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dk_layout)).to(gl.int64)
+    d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dk_layout))
+    gl.store(dk_ptr + (k_rows * stride_dks + hk * HEAD_DIM)[:, None] + d_cols[None, :], (dk * softmax_scale).to(dtype))
+    v_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dv_layout)).to(gl.int64)
+    dv_cols = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, dv_layout))
+    gl.store(dv_ptr + (v_rows * stride_dvs + hk * HEAD_DIM_V)[:, None] + dv_cols[None, :], dv.to(dtype))
+
+
+@gluon.jit
+def _attn_bwd_gluon_kernel(
+    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
+    stride_dqs, stride_dks, stride_dvs, stride_lb, stride_lh,
+    nheads_k, seqlen_q, seqlen_k, group_size, qk_scale, softmax_scale,
+    HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr,
+):
+    """dK, dV of one key block of one kv head and its share of dQ (into ``dq_ptr``, fp32, unscaled).
+    Grid ``(B * H_k, key blocks)``: every head's first key block (under causal the one that sees the most
+    rows) is launched before any head's second."""
+    pid_n = gl.program_id(1)
+    hk = gl.program_id(0) % nheads_k
+    b = gl.program_id(0) // nheads_k
+    n_start = pid_n * BLOCK_N
+    lo = 0
+    if CAUSAL:  # the first query tile with a row that sees key n_start
+        lo = gl.maximum(n_start - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
+    tiles = (seqlen_q - lo) // BLOCK_M
+    n_masked = 0
+    if CAUSAL:  # tiles starting before n_start - off + BLOCK_N - 1 have a row that misses a key of the block
+        mask_end = n_start - (seqlen_k - seqlen_q) + BLOCK_N - 1
+        n_masked = gl.minimum(gl.maximum(mask_end - lo + BLOCK_M - 1, 0) // BLOCK_M, tiles)
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM_V], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM_V], v_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+
+    gl.warp_specialize([
+        (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
+                        lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, stride_dqs, stride_dks, stride_dvs, stride_lb,
+                        stride_lh, b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale,
+                        softmax_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, NUM_WARPS)),
+        (_bwd_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
+                     b * seqlen_q, b * seqlen_k + n_start, hk, lo, tiles, n_masked, group_size,
+                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, STAGES)),
+    ], [1], [LOAD_REGS])
+
+
+def gluon_bwd_eligible(q, k, v, dk, dv, do, lse, *, varlen, causal, window, softcap, sink, deterministic) -> bool:
+    """True when the Gluon backward can run this call (else ``bwd.py``/``bwd_hopper.py`` do).
+
+    ``TRIFLASH_GLUON_BWD``: unset (auto) or ``1`` wherever it can run, ``0`` never. It runs with
+    ``deterministic=False`` (its dQ atomics add in a varying order) on sm_90, without softcap or sink, for
+    the shapes ``gluon_shapes_ok`` takes.
+    """
+    if deterministic or softcap or sink is not None:
+        return False
+    if os.environ.get("TRIFLASH_GLUON_BWD", "auto") == "0" or interpreting() or q.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    return gluon_shapes_ok(q, k, v, dk, dv, do, lse, varlen=varlen, causal=causal, window=window)
+
+
+def gluon_shapes_ok(q, k, v, dk, dv, do, lse, *, varlen, causal, window) -> bool:
+    """Dense batches of packed heads (q, k, v, dO, dK, dV), D = Dv in {64, 128}, fp16/bf16, no window but
+    the causal one with ``S_q <= S_k``, ``S_q`` a multiple of 64 and ``S_k`` of 128, LSE rows contiguous."""
+    if varlen or window:
+        return False
+    d, dv_dim = q.shape[-1], v.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128) or dv_dim != d:
+        return False
+    s_q, s_k = q.shape[1], k.shape[1]
+    if s_q == 0 or s_k == 0 or s_q % BLOCK_M or s_k % BLOCK_N or (causal and s_q > s_k):
+        return False
+    return lse.stride(-1) == 1 and all(_tma_ok(x) for x in (q, k, v, do, dk, dv))
+
+
+def _desc(x, rows):
+    """A TMA descriptor over the ``(B * S, H * D)`` view of a packed ``(B, S, H, D)`` tensor."""
+    b, s, h, d = x.shape
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor(x, [b * s, h * d], [x.stride(1), 1], [rows, d], layout)
+
+
+def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax_scale, causal):
+    """Launches the Gluon backward (``gluon_bwd_eligible``): dK, dV written, dQ added unscaled into the
+    zeroed fp32 ``dq_acc`` (contiguous, q's shape). ``delta`` from ``bwd.py``'s preprocess."""
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
+    assert dq_acc.is_contiguous() and dq_acc.dtype == torch.float32
+    _attn_bwd_gluon_kernel[(batch * nheads_k, seqlen_k // BLOCK_N)](
+        _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(do, BLOCK_M), lse, delta, dq_acc, dk, dv,
+        dq_acc.stride(1), dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
+        nheads_k, seqlen_q, seqlen_k, nheads // nheads_k, qk_scale, softmax_scale,
+        HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
+        NUM_WARPS=NUM_WARPS, LOAD_REGS=LOAD_REGS, num_warps=NUM_WARPS,
+    )

@@ -1,0 +1,100 @@
+"""The Gluon backward (kernels/bwd_gluon.py): compiled for sm_90 on the CPU, run on a GPU (Gluon does not run
+under the interpreter)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from attn_check import check_against_ref
+from test_hopper import _inputs
+
+from triflash import flash_attn_func
+from triflash.kernels import bwd_gluon
+
+# (B, S_q, S_k, H, H_k, D) and flags: whole 64-row query tiles and 128-key blocks.
+CASES = {
+    "mha-d64": dict(shape=(2, 512, 512, 2, 2, 64)),
+    "gqa-d128-sq-lt-sk": dict(shape=(2, 256, 1152, 4, 2, 128)),
+    "causal-gqa-d128": dict(shape=(2, 1024, 1024, 4, 2, 128), causal=True),
+    "causal-sq-lt-sk-d64": dict(shape=(1, 384, 1152, 2, 2, 64), causal=True),
+    # S_k - S_q = 960: the diagonal crosses key blocks mid-tile; 4 query heads per kv head.
+    "causal-sq-lt-sk-gqa4-d128": dict(shape=(1, 320, 1280, 8, 2, 128), causal=True),
+    "causal-d64-long": dict(shape=(1, 2048, 2048, 2, 2, 64), causal=True),
+}
+
+
+def _shapes_ok(q, k, v, causal=False, **kw):
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1])
+    return bwd_gluon.gluon_shapes_ok(q, k, v, k, v, q, lse, **(dict(varlen=False, causal=causal, window=False) | kw))
+
+
+def test_gluon_bwd_shapes():
+    """What the Gluon backward takes: whole tiles, D = Dv in {64, 128}, 2-byte types, packed heads, causal
+    S_q <= S_k; and never on the CPU, with deterministic=True, softcap or a sink."""
+    q, k, v = _inputs((1, 64, 128, 2, 2, 64), torch.bfloat16, "cpu")
+    assert _shapes_ok(q, k, v) and _shapes_ok(q, k, v, causal=True)
+    assert not _shapes_ok(q, k, v, window=True) and not _shapes_ok(q, k, v, varlen=True)
+    assert not _shapes_ok(*_inputs((1, 32, 128, 2, 2, 64), torch.bfloat16, "cpu"))  # 32 rows
+    assert not _shapes_ok(*_inputs((1, 64, 192, 2, 2, 64), torch.bfloat16, "cpu"))  # 192 keys
+    assert not _shapes_ok(*_inputs((1, 256, 128, 2, 2, 64), torch.bfloat16, "cpu"), causal=True)  # S_q > S_k
+    assert not _shapes_ok(*_inputs((1, 64, 128, 2, 2, 256), torch.bfloat16, "cpu"))
+    assert not _shapes_ok(*_inputs((1, 64, 128, 2, 2, 64), torch.float32, "cpu"))
+    assert not _shapes_ok(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)  # heads not packed
+    lse = torch.empty(1, 2, 64)
+    kw = dict(varlen=False, causal=False, window=False, softcap=0.0, sink=None, deterministic=False)
+    assert not bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **kw)  # CPU tensors
+    if torch.cuda.is_available():
+        q, k, v = (x.cuda() for x in (q, k, v))
+        lse = lse.cuda()
+        on_hopper = torch.cuda.get_device_capability()[0] == 9
+        assert bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **kw) == on_hopper
+        for change in (dict(deterministic=True), dict(softcap=1.0), dict(sink=torch.zeros(2, device="cuda"))):
+            assert not bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **(kw | change))
+
+
+def test_compile_sm90_gluon_bwd():
+    """Build the Gluon backward for sm_90 on the CPU: wgmma, TMA loads, register split between the producer
+    and compute warps (setmaxnreg), vectorized fp32 atomics for dQ, shared memory within an H100's 227 KiB,
+    no spills in the loops (the D=128 causal build spills 40 bytes outside them)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
+    res = subprocess.run([sys.executable, script, "bwd_gluon"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = json.loads(res.stdout)
+    assert len(reports) == 4
+    for r in reports:
+        assert r["wgmma"] and r["tma"] and r["warp_specialized"] and r["atomics"] > 0, r
+        assert r["smem"] <= 232448 and r["hot_loops"] == 1 + r["causal"] and r["loop_spills"] == 0, r
+        assert max(r["spill_stores"]) <= 64, r
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gluon_bwd_gpu(case, dtype, device):
+    """deterministic=False takes the Gluon backward on sm_90: gradients (with an LSE gradient) against the
+    reference through the public API, outputs poisoned, and against the deterministic backward."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon backward runs on sm_90")
+    spec = dict(CASES[case])
+    shape = spec.pop("shape")
+    q, k, v = _inputs(shape, dtype, device)
+    lse = torch.empty(shape[0], shape[3], shape[1], device=device)
+    assert bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, varlen=False, causal=spec.get("causal", False),
+                                        window=False, softcap=0.0, sink=None, deterministic=False)
+
+    def fn(q, k, v):
+        return flash_attn_func(q, k, v, return_lse=True, deterministic=False, **spec)
+
+    _, _, grads = check_against_ref(fn, dict(q=q, k=k, v=v), spec, ref_fp64=False)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    out = flash_attn_func(*leaves, deterministic=True, **spec)
+    do = torch.randn_like(out)
+    det = torch.autograd.grad(out, leaves, do)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    mine = torch.autograd.grad(flash_attn_func(*leaves, deterministic=False, **spec), leaves, do)
+    for name, a, b in zip(("dq", "dk", "dv"), mine, det):
+        assert (a.float() - b.float()).abs().max() < 3e-2 * max(1.0, b.float().abs().max().item()), name
