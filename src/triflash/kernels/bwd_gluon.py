@@ -22,8 +22,10 @@ interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``), the
 import os
 
 import torch
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -41,6 +43,15 @@ BLOCK_N = 128
 NUM_WARPS = 8  # the compute partition: two warpgroups
 STAGES = 2
 LOAD_REGS = 24  # the producer warp's register budget (setmaxnreg); the compute warps get the rest
+DQ_MODE = 2  # how dQ shares are added: 0 fp32 atomics from registers, 2 TMA reduce-add (1: not at all, diagnosis)
+
+
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """``global[coord] += shared`` for a whole block through TMA (``cp.reduce.async.bulk.tensor``, completion
+    tracked like a TMA store: ``tma.store_wait``). Triton 3.6's Gluon has the op but no Python wrapper."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
 
 
 @gluon.jit
@@ -80,7 +91,8 @@ def _bwd_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, 
 @gluon.jit
 def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty, lse_ptr, delta_ptr, dq_ptr,
               l_base, dq_row0, dq_col, start, first_row, qk_scale, stride_dqs, zero_s, zero_dq,
-              PA_LAYOUT: gl.constexpr, DSA_LAYOUT: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
+              dq_desc, dq_smem, PA_LAYOUT: gl.constexpr, DSA_LAYOUT: gl.constexpr, STAGES: gl.constexpr,
+              MASKED: gl.constexpr, DQ_MODE: gl.constexpr):
     """One query tile (rows [start, start + BLOCK_M) of one head): dK, dV += its share, its dQ share added
     at rows ``dq_row0 + start``. ``MASKED``: causal, key r of the block sees tile row c iff
     r <= c + first_row."""
@@ -115,18 +127,30 @@ def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty
     dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
     dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
     mbarrier.arrive(empty.index(s))
-    rows = (dq_row0 + start) + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout)).to(gl.int64)
-    d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
-    gl.atomic_add(dq_ptr + (rows * stride_dqs + dq_col)[:, None] + d_cols[None, :], dq, sem="relaxed")
+    if DQ_MODE == 2:  # the tile through shared memory, added by one TMA reduce-add
+        tma.store_wait(pendings=0)  # the previous tile's reduce has read the buffer
+        gl.thread_barrier()
+        dq_smem.store(dq)
+        fence_async_shared()
+        gl.thread_barrier()
+        _tma_reduce_add(dq_desc, [(dq_row0 + start).to(gl.int32), dq_col], dq_smem)
+    else:
+        rows = (dq_row0 + start) + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout)).to(gl.int64)
+        d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
+        ptrs = dq_ptr + (rows * stride_dqs + dq_col)[:, None] + d_cols[None, :]
+        if DQ_MODE == 0:
+            gl.atomic_add(ptrs, dq, sem="relaxed")
+        else:  # diagnosis: keep the product, skip the atomics (the store's rows are never < 0)
+            gl.store(ptrs, dq, mask=(rows < 0)[:, None])
     return dk, dv
 
 
 @gluon.jit
-def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
+def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, dq_desc, kv_bar, ready, empty,
                  lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, stride_dqs, stride_dks, stride_dvs, stride_lb, stride_lh,
                  b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
                  HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+                 STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, DQ_MODE: gl.constexpr):
     """The two compute warpgroups: five GEMMs per tile, dK/dV in registers, dQ shares by atomics. Per query
     head, the tiles that straddle the causal diagonal (masked) come first, then the rest (mask-free)."""
     dtype: gl.constexpr = k_smem.dtype
@@ -158,8 +182,8 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
         h = hk * group_size + g
         dk, dv = _bwd_tile(j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty, lse_ptr, delta_ptr,
                            dq_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, b64 * seqlen_q, h * HEAD_DIM, start,
-                           start + off - n_start, qk_scale, stride_dqs, zero_s, zero_dq, pa_layout, dsa_layout,
-                           STAGES, True)
+                           start + off - n_start, qk_scale, stride_dqs, zero_s, zero_dq, dq_desc, dq_smem,
+                           pa_layout, dsa_layout, STAGES, True, DQ_MODE)
     n_free = tiles - n_masked
     first = group_size * n_masked
     for j in range(group_size * n_free):
@@ -168,8 +192,8 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
         h = hk * group_size + g
         dk, dv = _bwd_tile(first + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty, lse_ptr,
                            delta_ptr, dq_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, b64 * seqlen_q,
-                           h * HEAD_DIM, start, 0, qk_scale, stride_dqs, zero_s, zero_dq, pa_layout, dsa_layout,
-                           STAGES, False)
+                           h * HEAD_DIM, start, 0, qk_scale, stride_dqs, zero_s, zero_dq, dq_desc, dq_smem,
+                           pa_layout, dsa_layout, STAGES, False, DQ_MODE)
 
     k_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dk_layout)).to(gl.int64)
     d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dk_layout))
@@ -177,15 +201,18 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
     v_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dv_layout)).to(gl.int64)
     dv_cols = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, dv_layout))
     gl.store(dv_ptr + (v_rows * stride_dvs + hk * HEAD_DIM_V)[:, None] + dv_cols[None, :], dv.to(dtype))
+    if DQ_MODE == 2:
+        tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def _attn_bwd_gluon_kernel(
-    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
     stride_dqs, stride_dks, stride_dvs, stride_lb, stride_lh,
     nheads_k, seqlen_q, seqlen_k, group_size, qk_scale, softmax_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr,
+    DQ_MODE: gl.constexpr,
 ):
     """dK, dV of one key block of one kv head and its share of dQ (into ``dq_ptr``, fp32, unscaled).
     Grid ``(B * H_k, key blocks)``: every head's first key block (under causal the one that sees the most
@@ -210,6 +237,10 @@ def _attn_bwd_gluon_kernel(
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM_V], v_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+    if DQ_MODE == 2:
+        dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_desc.layout)
+    else:
+        dq_smem = ds_smem
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -219,10 +250,10 @@ def _attn_bwd_gluon_kernel(
         mbarrier.init(empty.index(i), count=1)
 
     gl.warp_specialize([
-        (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready, empty,
+        (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, dq_desc, kv_bar, ready, empty,
                         lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, stride_dqs, stride_dks, stride_dvs, stride_lb,
                         stride_lh, b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale,
-                        softmax_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, NUM_WARPS)),
+                        softmax_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, DQ_MODE)),
         (_bwd_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
                      b * seqlen_q, b * seqlen_k + n_start, hk, lo, tiles, n_masked, group_size,
                      HEAD_DIM, HEAD_DIM_V, BLOCK_M, STAGES)),
@@ -259,23 +290,28 @@ def gluon_shapes_ok(q, k, v, dk, dv, do, lse, *, varlen, causal, window) -> bool
     return lse.stride(-1) == 1 and all(_tma_ok(x) for x in (q, k, v, do, dk, dv))
 
 
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+
+
 def _desc(x, rows):
     """A TMA descriptor over the ``(B * S, H * D)`` view of a packed ``(B, S, H, D)`` tensor."""
     b, s, h, d = x.shape
-    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16)
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], _GL_DTYPES[x.dtype])
     return TensorDescriptor(x, [b * s, h * d], [x.stride(1), 1], [rows, d], layout)
 
 
-def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax_scale, causal):
+def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax_scale, causal, dq_mode=None):
     """Launches the Gluon backward (``gluon_bwd_eligible``): dK, dV written, dQ added unscaled into the
     zeroed fp32 ``dq_acc`` (contiguous, q's shape). ``delta`` from ``bwd.py``'s preprocess."""
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
     assert dq_acc.is_contiguous() and dq_acc.dtype == torch.float32
     _attn_bwd_gluon_kernel[(batch * nheads_k, seqlen_k // BLOCK_N)](
-        _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(do, BLOCK_M), lse, delta, dq_acc, dk, dv,
+        _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(do, BLOCK_M), _desc(dq_acc, BLOCK_M), lse,
+        delta, dq_acc, dk, dv,
         dq_acc.stride(1), dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
         nheads_k, seqlen_q, seqlen_k, nheads // nheads_k, qk_scale, softmax_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
-        NUM_WARPS=NUM_WARPS, LOAD_REGS=LOAD_REGS, num_warps=NUM_WARPS,
+        NUM_WARPS=NUM_WARPS, LOAD_REGS=LOAD_REGS, DQ_MODE=DQ_MODE if dq_mode is None else dq_mode,
+        num_warps=NUM_WARPS,
     )
