@@ -144,15 +144,17 @@ def compile_bwd_hopper_config(head_dim, cfg, causal):
 
 
 def compile_bwd_gluon(head_dim, causal):
-    """The Gluon backward as launched for bf16: host TMA descriptors over Q, dO (64-row blocks), K, V (128)."""
+    """The Gluon backward as launched for bf16: host TMA descriptors over Q, dO, the fp32 dQ accumulator (64-row
+    blocks), K, V (128)."""
     kernel = bwd_gluon._attn_bwd_gluon_kernel
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=bwd_gluon.BLOCK_M, BLOCK_N=bwd_gluon.BLOCK_N,
                   STAGES=bwd_gluon.STAGES, CAUSAL=causal, NUM_WARPS=bwd_gluon.NUM_WARPS,
-                  LOAD_REGS=bwd_gluon.LOAD_REGS)
+                  LOAD_REGS=bwd_gluon.LOAD_REGS, DQ_MODE=bwd_gluon.DQ_MODE)
 
-    def desc(rows):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
-        return f"tensordesc<bf16[{rows}, {head_dim}],{layout!r}>"
+    def desc(rows, dtype="bf16"):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], getattr(gl, {"bf16": "bfloat16"}.get(dtype,
+                                                                                                      "float32")))
+        return f"tensordesc<{dtype}[{rows}, {head_dim}],{layout!r}>"
 
     sig = {}
     for name in kernel.arg_names:
@@ -160,6 +162,8 @@ def compile_bwd_gluon(head_dim, causal):
             sig[name] = "constexpr"
         elif name in ("q_desc", "do_desc", "k_desc", "v_desc"):
             sig[name] = desc(bwd_gluon.BLOCK_M if name in ("q_desc", "do_desc") else bwd_gluon.BLOCK_N)
+        elif name == "dq_desc":  # the fp32 dQ accumulator
+            sig[name] = desc(bwd_gluon.BLOCK_M, "fp32")
         elif name in ("lse_ptr", "delta_ptr", "dq_ptr"):
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
