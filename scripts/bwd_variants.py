@@ -25,7 +25,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from triflash import flash_attn_func
 from triflash.configs import AttnBwdConfig, use_configs
-from triflash.kernels import bwd_gluon
 
 
 def _grad_fn(fwd, q, k, v, do):
@@ -43,20 +42,11 @@ def _cudnn(causal):
 
 def _triflash(causal, deterministic, cfg=None, dq_cfg=None, hopper=False):
     """(forward, forced configs: every backward kernel's, the dQ kernel's; None for the table's; whether the
-    Hopper backward may run, or the Gluon kernel's dQ mode to force)."""
+    Hopper backward may run)."""
     def fwd(q, k, v):
         return flash_attn_func(q, k, v, causal=causal, deterministic=deterministic)
     return fwd, (cfg, dq_cfg, hopper)
 
-
-@contextlib.contextmanager
-def _gluon_dq_mode(mode):
-    saved = bwd_gluon.DQ_MODE
-    bwd_gluon.DQ_MODE = mode
-    try:
-        yield
-    finally:
-        bwd_gluon.DQ_MODE = saved
 
 
 @contextlib.contextmanager
@@ -73,10 +63,7 @@ def _env(name, value):
 
 
 def _forced(cfg, dq_cfg, hopper):
-    """Configs forced for one provider: the Hopper dK/dV kernel's (hopper=True), the Gluon kernel's dQ mode
-    (hopper an int) or the portable ones'."""
-    if hopper is not True and not isinstance(hopper, bool):
-        return _gluon_dq_mode(hopper)
+    """Configs forced for one provider: the Hopper dK/dV kernel's (hopper=True) or the portable ones'."""
     if hopper:
         return use_configs(bwd_hopper=cfg, bwd_dq=dq_cfg)
     stack = contextlib.ExitStack()
@@ -102,7 +89,7 @@ def _kernel_us(fn, reps=5):
 
 
 def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False, hopper_configs=(), dev="cuda",
-             providers=None, gluon_modes=()):
+             providers=None):
     b, h = 16384 // s, 2048 // d
     gen = torch.Generator(device=dev).manual_seed(s + d)
     q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
@@ -113,8 +100,6 @@ def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False
     provs = {"cudnn": (_cudnn(causal), (None, None, True)), "gluon": _triflash(causal, False, hopper=True),
              "hopper": _triflash(causal, True, hopper=True),
              "det": _triflash(causal, True), "atomic": _triflash(causal, False)}
-    for mode in gluon_modes:
-        provs[f"gluon-dq{mode}"] = _triflash(causal, False, hopper=mode)
     for text in hopper_configs:  # "DKDV/DQ"
         parts = [_cfg(t) for t in text.split("/")]
         provs[f"hopper-{text}"] = _triflash(causal, True, parts[0], parts[1] if len(parts) > 1 else None, True)
@@ -127,7 +112,7 @@ def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False
         provs[f"det-dq-{text}"] = _triflash(causal, True, None, _cfg(text))
     rows = []
     for name, (fwd, (cfg, dq_cfg, hopper)) in provs.items():
-        if providers and name not in providers and name != "cudnn" and not name.startswith("gluon-"):
+        if providers and name not in providers and name != "cudnn":
             continue
         def check(row, name=name, fwd=fwd):
             fn = _grad_fn(fwd, q, k, v, do)
@@ -159,7 +144,6 @@ def main():
     ap.add_argument("--dq-configs", default="", help="as --configs, the deterministic backward's dQ kernel alone")
     ap.add_argument("--hopper-configs", default="", help="the Hopper dK/dV kernel's configs (DKDV or DKDV/DQ)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the table's runs")
-    ap.add_argument("--gluon-dq-modes", default="", help="comma list of the Gluon kernel's dQ modes to force")
     ap.add_argument("--providers", default="", help="comma list of the providers to time (default: all; cuDNN always)")
     args = ap.parse_args()
 
@@ -169,8 +153,7 @@ def main():
         dq_configs = [c for c in args.dq_configs.split(",") if c]
         hopper_configs = [c for c in args.hopper_configs.split(",") if c and d <= 128]
         return run_cell(d, causal, s, configs, det_configs, dq_configs, args.profile, hopper_configs,
-                        providers=[p for p in args.providers.split(",") if p],
-                        gluon_modes=[int(m) for m in args.gluon_dq_modes.split(",") if m and d <= 128])
+                        providers=[p for p in args.providers.split(",") if p])
 
     sweep(args, cell)
 

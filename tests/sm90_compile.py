@@ -149,7 +149,7 @@ def compile_bwd_gluon(head_dim, causal):
     kernel = bwd_gluon._attn_bwd_gluon_kernel
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=bwd_gluon.BLOCK_M, BLOCK_N=bwd_gluon.BLOCK_N,
                   STAGES=bwd_gluon.STAGES, CAUSAL=causal, NUM_WARPS=bwd_gluon.NUM_WARPS,
-                  LOAD_REGS=bwd_gluon.LOAD_REGS, DQ_MODE=bwd_gluon.DQ_MODE)
+                  WORKER_REGS=bwd_gluon.WORKER_REGS)
 
     def desc(rows, dtype="bf16"):
         layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], getattr(gl, {"bf16": "bfloat16"}.get(dtype,
@@ -164,7 +164,7 @@ def compile_bwd_gluon(head_dim, causal):
             sig[name] = desc(bwd_gluon.BLOCK_M if name in ("q_desc", "do_desc") else bwd_gluon.BLOCK_N)
         elif name == "dq_desc":  # the fp32 dQ accumulator
             sig[name] = desc(bwd_gluon.BLOCK_M, "fp32")
-        elif name in ("lse_ptr", "delta_ptr", "dq_ptr"):
+        elif name in ("lse_ptr", "delta_ptr"):
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
             sig[name] = "*bf16"

@@ -42,8 +42,7 @@ BLOCK_M = 64
 BLOCK_N = 128
 NUM_WARPS = 8  # the compute partition: two warpgroups
 STAGES = 2
-LOAD_REGS = 24  # the producer warp's register budget (setmaxnreg); the compute warps get the rest
-DQ_MODE = 2  # how dQ shares are added: 0 fp32 atomics from registers, 2 TMA reduce-add (1: not at all, diagnosis)
+WORKER_REGS = 24  # the TMA producer's and dQ writer's register budgets (setmaxnreg); the compute warps get the rest
 
 
 @builtin
@@ -57,6 +56,7 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 @gluon.jit
 def _bwd_load_tile(it, q_desc, do_desc, q_smem, do_smem, ready, empty, row, h,
                    HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr):
+    """The producer's share of one tile: Q and dO rows [row, row + BLOCK_M) of head h into ring slot it % STAGES."""
     s = it % STAGES
     # A fresh barrier counts its phase "before 0" as complete: the first pass does not wait.
     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -67,40 +67,53 @@ def _bwd_load_tile(it, q_desc, do_desc, q_smem, do_smem, ready, empty, row, h,
 
 
 @gluon.jit
-def _bwd_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
-              q_row0, k_row, hk, lo, tiles, n_masked, group_size,
-              HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    """The producer warp: K and V of the block once, then Q and dO of every tile, ``STAGES`` ahead, in the
-    compute partition's order."""
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [k_row, hk * HEAD_DIM], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [k_row, hk * HEAD_DIM_V], kv_bar, v_smem)
-    for j in range(group_size * n_masked):
-        g = j // n_masked
-        _bwd_load_tile(j, q_desc, do_desc, q_smem, do_smem, ready, empty, q_row0 + lo + (j - g * n_masked) * BLOCK_M,
-                       hk * group_size + g, HEAD_DIM, HEAD_DIM_V, STAGES)
-    n_free = tiles - n_masked
-    first = group_size * n_masked
-    for j in range(group_size * n_free):
-        g = j // n_free
-        _bwd_load_tile(first + j, q_desc, do_desc, q_smem, do_smem, ready, empty,
-                       q_row0 + lo + (n_masked + j - g * n_free) * BLOCK_M, hk * group_size + g, HEAD_DIM, HEAD_DIM_V,
-                       STAGES)
+def _bwd_write_tile(it, dq_desc, dq_smem, dq_full, dq_empty, row, h, HEAD_DIM: gl.constexpr):
+    """The dQ writer's share of one tile: the compute partition's dQ share in buffer it % 2, added to the
+    accumulator's rows [row, row + BLOCK_M) of head h by one TMA reduce-add; the buffer is handed back once
+    the reduce has read it."""
+    b = it % 2
+    mbarrier.wait(dq_full.index(b), (it // 2) & 1)
+    _tma_reduce_add(dq_desc, [row, h * HEAD_DIM], dq_smem.index(b))
+    tma.store_wait(pendings=0)
+    mbarrier.arrive(dq_empty.index(b))
 
 
 @gluon.jit
-def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty, lse_ptr, delta_ptr, dq_ptr,
-              l_base, dq_row0, dq_col, start, first_row, qk_scale, stride_dqs, zero_s, zero_dq,
-              dq_desc, dq_smem, PA_LAYOUT: gl.constexpr, DSA_LAYOUT: gl.constexpr, STAGES: gl.constexpr,
-              MASKED: gl.constexpr, DQ_MODE: gl.constexpr):
-    """One query tile (rows [start, start + BLOCK_M) of one head): dK, dV += its share, its dQ share added
-    at rows ``dq_row0 + start``. ``MASKED``: causal, key r of the block sees tile row c iff
+def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, kv_bar, ready,
+                empty, dq_full, dq_empty, q_row0, k_row, hk, lo, tiles, n_masked, group_size,
+                HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                LOADER: gl.constexpr):
+    """A one-warp partition walking the tiles in the compute partition's order (per query head the masked
+    tiles, then the mask-free ones): ``LOADER``, the TMA producer (K and V once, then Q and dO of every
+    tile, ``STAGES`` ahead); else the dQ writer."""
+    if LOADER:
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row, hk * HEAD_DIM], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [k_row, hk * HEAD_DIM_V], kv_bar, v_smem)
+    n_free = tiles - n_masked
+    for j in range(group_size * (n_masked + n_free)):
+        masked = j < group_size * n_masked
+        jj = j if masked else j - group_size * n_masked
+        per = n_masked if masked else n_free
+        g = jj // per
+        row = q_row0 + lo + ((jj - g * per) + (0 if masked else n_masked)) * BLOCK_M
+        h = hk * group_size + g
+        if LOADER:
+            _bwd_load_tile(j, q_desc, do_desc, q_smem, do_smem, ready, empty, row, h, HEAD_DIM, HEAD_DIM_V, STAGES)
+        else:
+            _bwd_write_tile(j, dq_desc, dq_smem, dq_full, dq_empty, row, h, HEAD_DIM)
+
+
+@gluon.jit
+def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty, dq_full, dq_empty,
+              lse_ptr, delta_ptr, l_base, start, first_row, qk_scale, zero_s, zero_dq,
+              PA_LAYOUT: gl.constexpr, DSA_LAYOUT: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
+    """One query tile (rows [start, start + BLOCK_M) of one head): dK, dV += its share; its dQ share goes to
+    the writer through buffer it % 2. ``MASKED``: causal, key r of the block sees tile row c iff
     r <= c + first_row."""
     BLOCK_N: gl.constexpr = zero_s.shape[0]
     BLOCK_M: gl.constexpr = zero_s.shape[1]
-    HEAD_DIM: gl.constexpr = zero_dq.shape[1]
     s_layout: gl.constexpr = zero_s.type.layout
-    dq_layout: gl.constexpr = zero_dq.type.layout
     cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
     s = it % STAGES
     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
@@ -127,32 +140,22 @@ def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty
     dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
     dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
     mbarrier.arrive(empty.index(s))
-    if DQ_MODE == 2:  # the tile through shared memory, added by one TMA reduce-add
-        tma.store_wait(pendings=0)  # the previous tile's reduce has read the buffer
-        gl.thread_barrier()
-        dq_smem.store(dq)
-        fence_async_shared()
-        gl.thread_barrier()
-        _tma_reduce_add(dq_desc, [(dq_row0 + start).to(gl.int32), dq_col], dq_smem)
-    else:
-        rows = (dq_row0 + start) + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout)).to(gl.int64)
-        d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
-        ptrs = dq_ptr + (rows * stride_dqs + dq_col)[:, None] + d_cols[None, :]
-        if DQ_MODE == 0:
-            gl.atomic_add(ptrs, dq, sem="relaxed")
-        else:  # diagnosis: keep the product, skip the atomics (the store's rows are never < 0)
-            gl.store(ptrs, dq, mask=(rows < 0)[:, None])
+    b = it % 2
+    mbarrier.wait(dq_empty.index(b), ((it // 2) & 1) ^ 1)
+    dq_smem.index(b).store(dq)
+    fence_async_shared()
+    mbarrier.arrive(dq_full.index(b))
     return dk, dv
 
 
 @gluon.jit
-def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, dq_desc, kv_bar, ready, empty,
-                 lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, stride_dqs, stride_dks, stride_dvs, stride_lb, stride_lh,
+def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, ready, empty, dq_full, dq_empty,
+                 lse_ptr, delta_ptr, dk_ptr, dv_ptr, stride_dks, stride_dvs, stride_lb, stride_lh,
                  b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
                  HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, DQ_MODE: gl.constexpr):
-    """The two compute warpgroups: five GEMMs per tile, dK/dV in registers, dQ shares by atomics. Per query
-    head, the tiles that straddle the causal diagonal (masked) come first, then the rest (mask-free)."""
+                 STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """The two compute warpgroups: five GEMMs per tile, dK/dV in registers, dQ shares handed to the writer.
+    Per query head, the tiles that straddle the causal diagonal (masked) come first, then the rest."""
     dtype: gl.constexpr = k_smem.dtype
     # Keys along M (64 per warpgroup) for S^T, dP^T, dK, dV; dQ splits its head dim between the warpgroups.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -172,28 +175,25 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, dq_desc, kv_
     dv = gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, dv_layout)
     b64 = b.to(gl.int64)
     off = seqlen_k - seqlen_q
-    # Causal: tiles starting before n_start - off + BLOCK_N - 1 have a row that misses a key of the block.
     mbarrier.wait(kv_bar, 0)
     # Two flat loops over (query head, tile): the masked tiles of every head, then the mask-free ones (the
-    # producer issues the loads in the same order).
+    # worker partitions walk the same order).
     for j in range(group_size * n_masked):
         g = j // n_masked
         start = lo + (j - g * n_masked) * BLOCK_M
         h = hk * group_size + g
-        dk, dv = _bwd_tile(j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty, lse_ptr, delta_ptr,
-                           dq_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, b64 * seqlen_q, h * HEAD_DIM, start,
-                           start + off - n_start, qk_scale, stride_dqs, zero_s, zero_dq, dq_desc, dq_smem,
-                           pa_layout, dsa_layout, STAGES, True, DQ_MODE)
+        dk, dv = _bwd_tile(j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty, dq_full,
+                           dq_empty, lse_ptr, delta_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, start,
+                           start + off - n_start, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, True)
     n_free = tiles - n_masked
     first = group_size * n_masked
     for j in range(group_size * n_free):
         g = j // n_free
         start = lo + (n_masked + j - g * n_free) * BLOCK_M
         h = hk * group_size + g
-        dk, dv = _bwd_tile(first + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, ready, empty, lse_ptr,
-                           delta_ptr, dq_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, b64 * seqlen_q,
-                           h * HEAD_DIM, start, 0, qk_scale, stride_dqs, zero_s, zero_dq, dq_desc, dq_smem,
-                           pa_layout, dsa_layout, STAGES, False, DQ_MODE)
+        dk, dv = _bwd_tile(first + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty,
+                           dq_full, dq_empty, lse_ptr, delta_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh,
+                           start, 0, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, False)
 
     k_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dk_layout)).to(gl.int64)
     d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dk_layout))
@@ -201,22 +201,19 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, dq_desc, kv_
     v_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dv_layout)).to(gl.int64)
     dv_cols = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, dv_layout))
     gl.store(dv_ptr + (v_rows * stride_dvs + hk * HEAD_DIM_V)[:, None] + dv_cols[None, :], dv.to(dtype))
-    if DQ_MODE == 2:
-        tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def _attn_bwd_gluon_kernel(
-    q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
-    stride_dqs, stride_dks, stride_dvs, stride_lb, stride_lh,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_dks, stride_dvs, stride_lb, stride_lh,
     nheads_k, seqlen_q, seqlen_k, group_size, qk_scale, softmax_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr,
-    DQ_MODE: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr, WORKER_REGS: gl.constexpr,
 ):
-    """dK, dV of one key block of one kv head and its share of dQ (into ``dq_ptr``, fp32, unscaled).
-    Grid ``(B * H_k, key blocks)``: every head's first key block (under causal the one that sees the most
-    rows) is launched before any head's second."""
+    """dK, dV of one key block of one kv head and its share of dQ (added into the fp32 accumulator behind
+    ``dq_desc``, unscaled). Grid ``(B * H_k, key blocks)``: every head's first key block (under causal the
+    one that sees the most rows) is launched before any head's second."""
     pid_n = gl.program_id(1)
     hk = gl.program_id(0) % nheads_k
     b = gl.program_id(0) // nheads_k
@@ -237,27 +234,35 @@ def _attn_bwd_gluon_kernel(
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM_V], v_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
-    if DQ_MODE == 2:
-        dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_desc.layout)
-    else:
-        dq_smem = ds_smem
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM], dq_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(dq_full.index(i), count=1)
+        mbarrier.init(dq_empty.index(i), count=1)
 
+    q_row0 = b * seqlen_q
+    k_row = b * seqlen_k + n_start
+    # The worker partitions (one warp each): the TMA producer, then the dQ writer.
     gl.warp_specialize([
-        (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, dq_desc, kv_bar, ready, empty,
-                        lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, stride_dqs, stride_dks, stride_dvs, stride_lb,
-                        stride_lh, b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale,
-                        softmax_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, DQ_MODE)),
-        (_bwd_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty,
-                     b * seqlen_q, b * seqlen_k + n_start, hk, lo, tiles, n_masked, group_size,
-                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, STAGES)),
-    ], [1], [LOAD_REGS])
+        (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, ready, empty, dq_full, dq_empty,
+                        lse_ptr, delta_ptr, dk_ptr, dv_ptr, stride_dks, stride_dvs, stride_lb, stride_lh,
+                        b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, NUM_WARPS)),
+        (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, kv_bar,
+                       ready, empty, dq_full, dq_empty, q_row0, k_row, hk, lo, tiles, n_masked, group_size, HEAD_DIM,
+                       HEAD_DIM_V, BLOCK_M, STAGES, True)),
+        (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, kv_bar,
+                       ready, empty, dq_full, dq_empty, q_row0, k_row, hk, lo, tiles, n_masked, group_size, HEAD_DIM,
+                       HEAD_DIM_V, BLOCK_M, STAGES, False)),
+    ], [1, 1], [WORKER_REGS, WORKER_REGS])
 
 
 def gluon_bwd_eligible(q, k, v, dk, dv, do, lse, *, varlen, causal, window, softcap, sink, deterministic) -> bool:
@@ -300,7 +305,7 @@ def _desc(x, rows):
     return TensorDescriptor(x, [b * s, h * d], [x.stride(1), 1], [rows, d], layout)
 
 
-def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax_scale, causal, dq_mode=None):
+def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax_scale, causal):
     """Launches the Gluon backward (``gluon_bwd_eligible``): dK, dV written, dQ added unscaled into the
     zeroed fp32 ``dq_acc`` (contiguous, q's shape). ``delta`` from ``bwd.py``'s preprocess."""
     batch, seqlen_q, nheads, d = q.shape
@@ -308,10 +313,8 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
     assert dq_acc.is_contiguous() and dq_acc.dtype == torch.float32
     _attn_bwd_gluon_kernel[(batch * nheads_k, seqlen_k // BLOCK_N)](
         _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(do, BLOCK_M), _desc(dq_acc, BLOCK_M), lse,
-        delta, dq_acc, dk, dv,
-        dq_acc.stride(1), dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
+        delta, dk, dv, dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
         nheads_k, seqlen_q, seqlen_k, nheads // nheads_k, qk_scale, softmax_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
-        NUM_WARPS=NUM_WARPS, LOAD_REGS=LOAD_REGS, DQ_MODE=DQ_MODE if dq_mode is None else dq_mode,
-        num_warps=NUM_WARPS,
+        NUM_WARPS=NUM_WARPS, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS,
     )
