@@ -2,7 +2,7 @@
 
 Small shapes, every path: dense/varlen/seqused, GQA, causal/window, softcap, sink, padded head dims,
 fp16/bf16, empty sequences, forward and backward (both dQ paths); the Hopper (TMA) forward and dK/dV
-kernel; paged KV, split-KV and
+kernel, the Gluon backward; paged KV, split-KV and
 the combine kernel, pack_gqa, and the KV-cache append with rotary. Each is checked against
 attention_ref.
 """
@@ -90,6 +90,12 @@ def main():
         del os.environ["TRIFLASH_HOPPER"]
         # The Hopper dK/dV kernel (sm_90; the two cases above take it too): GQA with softcap.
         errs.append(dense(dtype, 128, 256, 4, 2, 128, 128, softcap=3.0))
+        # The Gluon backward (sm_90, deterministic=False; TRIFLASH_GLUON_BWD=1: at these lengths the default
+        # picks the Hopper dK/dV kernel): causal GQA with S_q < S_k at D=128, non-causal D=64.
+        os.environ["TRIFLASH_GLUON_BWD"] = "1"
+        errs.append(dense(dtype, 320, 640, 4, 2, 128, 128, causal=True))
+        errs.append(dense(dtype, 128, 256, 2, 2, 64, 64))
+        del os.environ["TRIFLASH_GLUON_BWD"]
         with use_configs(bwd_atomic=True):  # the atomic-dQ backward (TMA reduce-add on sm_90), forced
             errs.append(dense(dtype, 200, 300, 4, 2, 128, 128, causal=True, learnable_sink=sink))
             errs.append(dense(dtype, 70, 70, 2, 2, 256, 256, causal=True))

@@ -31,9 +31,10 @@ def _shapes_ok(q, k, v, causal=False, **kw):
     return bwd_gluon.gluon_shapes_ok(q, k, v, k, v, q, lse, **(dict(varlen=False, causal=causal, window=False) | kw))
 
 
-def test_gluon_bwd_shapes():
+def test_gluon_bwd_shapes(monkeypatch):
     """What the Gluon backward takes: whole tiles, D = Dv in {64, 128}, 2-byte types, packed heads, causal
-    S_q <= S_k; and never on the CPU, with deterministic=True, softcap or a sink."""
+    S_q <= S_k; never on the CPU, with deterministic=True, softcap or a sink; by default only from the S_k
+    where it measured faster (TRIFLASH_GLUON_BWD=1: wherever it can run)."""
     q, k, v = _inputs((1, 64, 128, 2, 2, 64), torch.bfloat16, "cpu")
     assert _shapes_ok(q, k, v) and _shapes_ok(q, k, v, causal=True)
     assert not _shapes_ok(q, k, v, window=True) and not _shapes_ok(q, k, v, varlen=True)
@@ -45,14 +46,15 @@ def test_gluon_bwd_shapes():
     assert not _shapes_ok(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)  # heads not packed
     lse = torch.empty(1, 2, 64)
     kw = dict(varlen=False, causal=False, window=False, softcap=0.0, sink=None, deterministic=False)
+    monkeypatch.setenv("TRIFLASH_GLUON_BWD", "1")
     assert not bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **kw)  # CPU tensors
     if torch.cuda.is_available():
-        q, k, v = (x.cuda() for x in (q, k, v))
-        lse = lse.cuda()
-        on_hopper = torch.cuda.get_device_capability()[0] == 9
-        assert bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **kw) == on_hopper
+        q, k, v, lse = (x.cuda() for x in (q, k, v, lse))
+        assert bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **kw) == (torch.cuda.get_device_capability()[0] == 9)
         for change in (dict(deterministic=True), dict(softcap=1.0), dict(sink=torch.zeros(2, device="cuda"))):
             assert not bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **(kw | change))
+        monkeypatch.delenv("TRIFLASH_GLUON_BWD")
+        assert not bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **kw)  # D=64: not by default
 
 
 def test_compile_sm90_gluon_bwd():
@@ -75,11 +77,13 @@ def test_compile_sm90_gluon_bwd():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_gluon_bwd_gpu(case, dtype, device):
-    """deterministic=False takes the Gluon backward on sm_90: gradients (with an LSE gradient) against the
-    reference through the public API, outputs poisoned, and against the deterministic backward."""
+def test_gluon_bwd_gpu(case, dtype, device, monkeypatch):
+    """deterministic=False takes the Gluon backward on sm_90 (forced at these short lengths): gradients (with
+    an LSE gradient) against the reference through the public API, outputs poisoned, and against the
+    deterministic backward."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon backward runs on sm_90")
+    monkeypatch.setenv("TRIFLASH_GLUON_BWD", "1")
     spec = dict(CASES[case])
     shape = spec.pop("shape")
     q, k, v = _inputs(shape, dtype, device)

@@ -9,6 +9,10 @@ recomputes P and dP for it (seven GEMMs per tile); no program then writes what a
 gradients are bitwise reproducible. Both recompute P from the saved LSE. On the H100 the two kernels
 run their seven GEMMs faster than the fused kernel its five except on long causal problems (configs.py).
 
+On sm_90 two faster paths take dense whole-tile calls: ``bwd_gluon.py`` (``deterministic=False``, D=128 from
+S_k = 8k: the five-GEMM kernel in Gluon, dQ by TMA reduce-add from a writer warp) and ``bwd_hopper.py``
+(the warp-specialized dK/dV kernel, then this file's dQ kernel; bitwise reproducible).
+
 The LSE gradient folds into delta: ``dS = P * (dP - (rowsum(dO * O) - dLSE))``; the sink gradient
 is ``sum_i exp(sink - lse_i) * (dLSE_i - sum_j P_ij dP_ij)``, the row sum taken in fp32 (in the dQ kernel,
 or added per key block with atomics) rather than from the rounded output (derivation in docs/design.md).
@@ -336,10 +340,12 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
     ``dlse`` (layout of ``lse``) may be None. Returns the sink gradient ``(H,)`` fp32 or None.
     ``deterministic=False``: where ``configs.use_atomic_dq`` says (long causal problems on sm90), one kernel
     adds dQ (and the sink's row terms) with fp32 atomics, in an order that may change from run to run;
-    otherwise, and always with ``True``, a separate dQ kernel, bitwise reproducible. On sm_90 calls that
-    ``bwd_hopper.hopper_bwd_eligible`` takes (dense, whole tiles, D <= 128), whatever ``deterministic``, the
-    warp-specialized dK/dV kernel replaces this file's and the dQ kernel follows (no atomics); ``hopper``
-    True/False forces it on (where the shapes allow it; the tests use it under the interpreter) or off.
+    otherwise, and always with ``True``, a separate dQ kernel, bitwise reproducible. On sm_90, with
+    ``deterministic=False``, calls that ``bwd_gluon.gluon_bwd_eligible`` takes run the Gluon kernel (dQ by
+    TMA reduce-add); else calls that ``bwd_hopper.hopper_bwd_eligible`` takes (dense, whole tiles,
+    D <= 128), whatever ``deterministic``, run the warp-specialized dK/dV kernel and the dQ kernel (no
+    atomics); ``hopper`` True/False forces the latter on (where the shapes allow it; the tests use it under
+    the interpreter) or both off.
     """
     varlen_q = cu_seqlens_q is not None
     varlen_k = cu_seqlens_k is not None

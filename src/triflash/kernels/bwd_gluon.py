@@ -266,19 +266,35 @@ def _attn_bwd_gluon_kernel(
 
 
 def gluon_bwd_eligible(q, k, v, dk, dv, do, lse, *, varlen, causal, window, softcap, sink, deterministic) -> bool:
-    """True when the Gluon backward can run this call (else ``bwd.py``/``bwd_hopper.py`` do).
+    """True when the Gluon backward runs this call (else ``bwd.py``/``bwd_hopper.py`` do).
 
-    ``TRIFLASH_GLUON_BWD``: unset (auto) or ``1`` wherever it can run, ``0`` never. It runs with
-    ``deterministic=False`` (its dQ atomics add in a varying order) on sm_90, without softcap or sink, for
-    the shapes ``gluon_shapes_ok`` takes.
+    It runs with ``deterministic=False`` (its dQ reduce-adds land in a varying order) on sm_90, without
+    softcap or sink, for the shapes ``gluon_shapes_ok`` takes. ``TRIFLASH_GLUON_BWD``: unset (auto) where it
+    measured faster than the deterministic Hopper backward (``_DEFAULT_MIN_SK``: by head dim, from ``S_k``),
+    ``1`` wherever it can run, ``0`` never.
     """
     if deterministic or softcap or sink is not None:
         return False
-    if os.environ.get("TRIFLASH_GLUON_BWD", "auto") == "0" or interpreting() or q.device.type != "cuda":
+    mode = os.environ.get("TRIFLASH_GLUON_BWD", "auto")
+    if mode == "0" or interpreting() or q.device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
+    if mode != "1" and k.shape[1] < _DEFAULT_MIN_SK.get(q.shape[-1], float("inf")):
+        return False
     return gluon_shapes_ok(q, k, v, dk, dv, do, lse, varlen=varlen, causal=causal, window=window)
+
+
+# head dim -> the shortest S_k from which the Gluon backward is the default (deterministic=False). H100,
+# 2026-11-24, scripts/bwd_variants.py, whole backward TFLOP/s, Gluon / deterministic Hopper path / cuDNN
+# (FlashAttention convention, 16k tokens, bf16):
+#   D=128 non-causal 1k 208/316/417, 4k 390/402/513, 16k 482/422/558; causal 1k 155/179/286,
+#         4k 341/345/447, 16k 481/404/517.
+#   D=64  non-causal 1k 191/256/338, 4k 232/319/441, 16k 298/345/461; causal 16k 296/336/441: never.
+# Short sequences lose to one resident program per SM (229 KB of shared memory) paying its K/V load,
+# prologue and epilogue per key block; D=64 to the softmax work per tile, the same as D=128's for half the
+# GEMM work. The kernel without its dQ reduce ran D=128 16k at 560 (non-causal) and 560 (causal).
+_DEFAULT_MIN_SK = {128: 8192}
 
 
 def gluon_shapes_ok(q, k, v, dk, dv, do, lse, *, varlen, causal, window) -> bool:
