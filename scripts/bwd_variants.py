@@ -15,12 +15,11 @@ per provider and writes JSONL.
         [--dq-configs ...] [--hopper-configs DKDV/DQ,...] [--profile] [--providers gluon,hopper]
 """
 
-import argparse
 import contextlib
 import os
 
 import torch
-from hopper_fwd_variants import sweep, timed_row  # same directory (run as a script)
+from hopper_fwd_variants import sweep, sweep_parser, timed_row  # same directory (run as a script)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from triflash import flash_attn_func
@@ -131,11 +130,7 @@ def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bwd_variants.jsonl")
-    ap.add_argument("--d", default="64,128,256")
-    ap.add_argument("--seqlens", default="1024,4096,16384")
-    ap.add_argument("--causal", default="0,1")
+    ap = sweep_parser("bwd_variants.jsonl", "1024,4096,16384")
     ap.add_argument("--configs", default="", help="comma list of BMxBNxWARPSxSTAGES for the atomic backward")
     ap.add_argument("--configs-256", default="", help="as --configs, for D=256 only")
     ap.add_argument("--det-configs", default="",

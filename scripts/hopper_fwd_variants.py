@@ -140,12 +140,18 @@ def print_table(rows):
               + (f" {r['error']}" if "error" in r else "") + (f" {r['kernel_us']}" if "kernel_us" in r else ""))
 
 
-def main():
+def sweep_parser(out, seqlens):
+    """The options every sweep script shares: ``--out`` (JSONL) and the grid ``--d`` x ``--causal`` x ``--seqlens``."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="hopper_fwd_variants.jsonl")
+    ap.add_argument("--out", default=out)
     ap.add_argument("--d", default="64,128,256")
-    ap.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--seqlens", default=seqlens)
     ap.add_argument("--causal", default="0,1")
+    return ap
+
+
+def main():
+    ap = sweep_parser("hopper_fwd_variants.jsonl", "1024,2048,4096,8192,16384")
     ap.add_argument("--variants", default="ws,ws-nolpt,ws-inloop,ws-s1,ws-s2")
     args = ap.parse_args()
     sweep(args, lambda d, causal, s: run_cell(d, causal, s, args.variants.split(",")))

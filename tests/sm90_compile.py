@@ -90,18 +90,8 @@ def compile_bwd_config(head_dim, cfg, causal):
                   BLOCK_N=cfg.block_n, IS_VARLEN_Q=False, IS_VARLEN_K=False, HAS_SEQUSED_Q=False,
                   HAS_SEQUSED_K=False, HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, DQ_MODE=2,
                   HAS_SINK=False, INPUT_PRECISION="tf32")
-    sig = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("lse_ptr", "delta_ptr", "sink_ptr", "dsink_rows_ptr", "dq_acc_ptr"):
-            sig[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*bf16"
-        elif name.startswith(("cu_seqlens", "seqused")):
-            sig[name] = "*i32"
-        else:
-            sig[name] = "fp32" if "scale" in name else "i32"
+    sig = _signature(kernel, consts, sink_ptr="*fp32", dsink_rows_ptr="*fp32", dq_acc_ptr="*fp32",
+                     **{n: "*i32" for n in kernel.arg_names if n.startswith(("cu_seqlens", "seqused"))})
     return _build_report(kernel, sig, consts, cfg, head_dim, causal)
 
 
@@ -130,9 +120,17 @@ def compile_bwd_hopper_config(head_dim, cfg, causal):
     kernel = bwd_hopper._attn_bwd_dkdv_ws_kernel
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
                   HAS_SOFTCAP=False, WARP_SPECIALIZE=True, LSE_TMA=bwd_hopper.lse_by_tma(head_dim, causal))
+    return _build_report(kernel, _signature(kernel, consts), consts, cfg, head_dim, causal)
+
+
+def _signature(kernel, consts, **given):
+    """The launch signature of a backward kernel for bf16: ``given`` types, constexprs, fp32 LSE/delta,
+    bf16 other pointers, fp32 scales, i32 sizes and strides."""
     sig = {}
     for name in kernel.arg_names:
-        if name in consts:
+        if name in given:
+            sig[name] = given[name]
+        elif name in consts:
             sig[name] = "constexpr"
         elif name in ("lse_ptr", "delta_ptr"):
             sig[name] = "*fp32"
@@ -140,7 +138,7 @@ def compile_bwd_hopper_config(head_dim, cfg, causal):
             sig[name] = "*bf16"
         else:
             sig[name] = "fp32" if "scale" in name else "i32"
-    return _build_report(kernel, sig, consts, cfg, head_dim, causal)
+    return sig
 
 
 def compile_bwd_gluon(head_dim, causal):
@@ -151,25 +149,13 @@ def compile_bwd_gluon(head_dim, causal):
                   STAGES=bwd_gluon.STAGES, CAUSAL=causal, NUM_WARPS=bwd_gluon.NUM_WARPS,
                   WORKER_REGS=bwd_gluon.WORKER_REGS)
 
-    def desc(rows, dtype="bf16"):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], getattr(gl, {"bf16": "bfloat16"}.get(dtype,
-                                                                                                      "float32")))
-        return f"tensordesc<{dtype}[{rows}, {head_dim}],{layout!r}>"
+    def desc(rows, dtype=gl.bfloat16):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], dtype)
+        return f"tensordesc<{'bf16' if dtype == gl.bfloat16 else 'fp32'}[{rows}, {head_dim}],{layout!r}>"
 
-    sig = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("q_desc", "do_desc", "k_desc", "v_desc"):
-            sig[name] = desc(bwd_gluon.BLOCK_M if name in ("q_desc", "do_desc") else bwd_gluon.BLOCK_N)
-        elif name == "dq_desc":  # the fp32 dQ accumulator
-            sig[name] = desc(bwd_gluon.BLOCK_M, "fp32")
-        elif name in ("lse_ptr", "delta_ptr"):
-            sig[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*bf16"
-        else:
-            sig[name] = "fp32" if "scale" in name else "i32"
+    sig = _signature(kernel, consts, q_desc=desc(bwd_gluon.BLOCK_M), do_desc=desc(bwd_gluon.BLOCK_M),
+                     k_desc=desc(bwd_gluon.BLOCK_N), v_desc=desc(bwd_gluon.BLOCK_N),
+                     dq_desc=desc(bwd_gluon.BLOCK_M, gl.float32))  # dQ: the fp32 accumulator
     cfg = AttnBwdConfig(bwd_gluon.BLOCK_M, bwd_gluon.BLOCK_N, bwd_gluon.NUM_WARPS, bwd_gluon.STAGES)
     return _build_report(kernel, sig, consts, cfg, head_dim, causal, GluonASTSource)
 

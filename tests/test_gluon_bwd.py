@@ -60,7 +60,7 @@ def test_gluon_bwd_shapes(monkeypatch):
 def test_compile_sm90_gluon_bwd():
     """Build the Gluon backward for sm_90 on the CPU: wgmma, TMA loads, register split between the producer
     and compute warps (setmaxnreg), dQ added by TMA reduce-add, shared memory
-    within an H100's 227 KiB, no spills in the loops."""
+    within an H100's 227 KiB, no spills."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
     res = subprocess.run([sys.executable, script, "bwd_gluon"], capture_output=True, text=True, env=env, timeout=600)
@@ -71,7 +71,7 @@ def test_compile_sm90_gluon_bwd():
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
         assert r["tma_reduce"], r
         assert r["smem"] <= 232448 and r["hot_loops"] == 1 + r["causal"] and r["loop_spills"] == 0, r
-        assert max(r["spill_stores"]) <= 64, r
+        assert max(r["spill_stores"]) == 0, r
 
 
 @pytest.mark.gpu

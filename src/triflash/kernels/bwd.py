@@ -402,25 +402,23 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
                left, right)
     in_strides = (*_strides3(q, varlen_q), *_strides3(k, varlen_k), *_strides3(v, varlen_k),
                   *_strides3(do, varlen_q))
+    # fp32 dQ accumulator of the paths that add dQ shares (the Gluon kernel, the atomic-dQ kernel): contiguous,
+    # unscaled, zero where no key is seen; dq = acc * softmax_scale at the end. On Hopper each tile is added
+    # with one TMA reduce-add instead of per-element atomics.
+    dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if atomic or gluon else dummy
     if gluon:
-        dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32)
         attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, qk_scale=qk_scale, softmax_scale=softmax_scale,
                        causal=causal)
-        dq.copy_(dq_acc.mul_(softmax_scale))
-        return dsink
-    if hopper and max_seqlen_k > 0:
+    elif hopper and max_seqlen_k > 0:
         attn_bwd_hopper_dkdv(do, q, k, v, lse, delta, dk, dv, qk_scale=qk_scale, softcap_scale=softcap_scale,
                              softmax_scale=softmax_scale, softcap=softcap, causal=causal)
-    # fp32 dQ accumulator of the atomic path (contiguous, unscaled; zero where no key is seen). On Hopper
-    # each tile is added with one TMA reduce-add instead of per-element atomics.
-    dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if atomic else dummy
     dq_mode = 0
     if atomic:
         dq_mode = 2 if tma_reduce_ok(q.device, d) else 1
         if dq_mode == 2:
             ensure_scratch_allocator()
     dq_rows = dq_acc.shape[0] if varlen_q else dq_acc.shape[0] * dq_acc.shape[1]
-    if max_seqlen_k > 0 and not hopper:
+    if max_seqlen_k > 0 and not hopper and not gluon:
         launch(
             _attn_bwd_dkdv_kernel, (triton.cdiv(max_seqlen_k, cfg.block_n), nheads_k, batch),
             q, k, v, do, lse, delta, dk, dv, dq_acc, sink if sink is not None else dummy,
@@ -429,7 +427,7 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
             *scalars, dq_rows, nheads * d, **common, **_tiles(cfg), DQ_MODE=dq_mode,
             HAS_SINK=atomic and sink is not None,
         )
-    if atomic:
+    if atomic or gluon:
         dq.copy_(dq_acc.mul_(softmax_scale))
     elif max_seqlen_q > 0:
         dq_cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None, "dq")

@@ -11,12 +11,14 @@ contraction over keys across its consumer warpgroups, ``bwd_hopper.py``). One pr
   issued together), P^T = exp2(S^T * scale - LSE), dS^T = P^T (dP^T - delta), then dV += P^T dO and
   dK += dS^T Q from registers, stores dS^T to shared memory (double-buffered: one CTA barrier per tile
   orders both warpgroups' stores before either reads) and computes the tile's dQ share = dS K, each
-  warpgroup half of the head dim over all 128 keys, added into an fp32 accumulator with relaxed atomics.
+  warpgroup half of the head dim over all 128 keys, into one of two fp32 buffers (``dq_full``/``dq_empty``);
+- a dQ-writer warp adds each buffer into the fp32 accumulator with one TMA reduce-add.
 
 dQ's order of addition varies from run to run, so this path serves ``deterministic=False`` only
 (``bwd.attn_bwd``); dense batches of packed heads, D = Dv in {64, 128}, fp16/bf16, whole tiles, no
-softcap, sink or window but the causal one (``gluon_bwd_eligible``). Gluon does not run under the
-interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``), the GPU tests run it.
+softcap, sink or window but the causal one; by default D = 128 from S_k = 8k (``gluon_bwd_eligible``).
+Gluon does not run under the interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``),
+the GPU tests run it.
 """
 
 import os
