@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, compute-sanitizer cases, tuning and the benchmark, as asked.
-#   bash scripts/gpu_run.sh [fuzzreplay] [configdiag] [tests] [fuzz] [sanitize] [tune] [bwdvariants] [bench-quick|bench]   (default: tests sanitize bench)
+#   bash scripts/gpu_run.sh [fuzzreplay] [configdiag] [tests] [fuzz] [sanitize] [tune] [bwdvariants] [fwdvariants] [bench-quick|bench]   (default: tests sanitize bench)
 # Logs and results go under $OUT (default ./out); a short summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -52,6 +52,10 @@ for stage in "${stages[@]}"; do
       # shellcheck disable=SC2086
       timeout "${BWDV_TIME_S:-400}" python3 scripts/bwd_variants.py --out "$OUT/bwd_variants.jsonl" ${BWDV_ARGS:-} \
         > "$OUT/bwd_variants.log" 2>&1; rc=$? ;;
+    fwdvariants)  # the forward's paths and configs against cuDNN (FWDV_ARGS: scripts/hopper_fwd_variants.py options)
+      # shellcheck disable=SC2086
+      timeout "${FWDV_TIME_S:-300}" python3 scripts/hopper_fwd_variants.py --out "$OUT/fwd_variants.jsonl" ${FWDV_ARGS:-} \
+        > "$OUT/fwd_variants.log" 2>&1; rc=$? ;;
     configdiag)  # the head-dim pairs that miscompiled, under the table's configs
       CONFIGS=${DIAG_CONFIGS:-none} timeout 200 python3 scripts/config_diag.py > "$OUT/config_diag.log" 2>&1; rc=$? ;;
     decode)
@@ -72,4 +76,5 @@ echo "---- tails"
 [ -f "$OUT/bench_portable.jsonl" ] && python3 scripts/summarize.py "$OUT/bench_portable.jsonl"
 [ -f "$OUT/decode.log" ] && tail -n 12 "$OUT/decode.log"
 [ -f "$OUT/bwd_variants.log" ] && sed -n '/^| D |/,$p' "$OUT/bwd_variants.log"
+[ -f "$OUT/fwd_variants.log" ] && sed -n '/^| D |/,$p' "$OUT/fwd_variants.log"
 printf '%s\n' "${status[@]}"

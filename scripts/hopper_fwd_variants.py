@@ -1,7 +1,8 @@
 """The Hopper forward's variants against the portable kernel and cuDNN, side by side (GPU; diagnosis).
 
 For each (D, causal, S) cell of the FlashAttention benchmark convention (16k tokens, H = 2048 / D, bf16),
-runs the portable forward (``fwd.attn_fwd``), the Hopper forward in each variant asked for and torch SDPA's
+runs the portable forward (``fwd.attn_fwd``), the Hopper forward in each variant asked for (``gluon...``: the
+Gluon forward, ``_gluon_cfg``) and torch SDPA's
 cuDNN backend on the same random inputs: first a correctness check against SDPA's output (outputs poisoned
 with NaN), then the median of ``triton.testing.do_bench``. Prints one row per provider and writes JSONL.
 
@@ -10,6 +11,7 @@ with NaN), then the median of ``triton.testing.do_bench``. Prints one row per pr
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -19,7 +21,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from triflash.configs import AttnFwdHopperConfig, use_configs
-from triflash.kernels import fwd_hopper
+from triflash.kernels import fwd_gluon, fwd_hopper
 from triflash.kernels.fwd import attn_fwd
 
 # name -> (attn_fwd_hopper kwargs, forced config by D or None)
@@ -52,6 +54,20 @@ def _hopper(q, k, v, out, lse, scale, causal, kw, cfg, diag=None):
         fwd_hopper.attn_fwd_hopper(q, k, v, out, lse, softmax_scale=scale, softcap=0.0, sink=None, causal=causal, **kw)
 
 
+def _gluon_cfg(name, d, causal):
+    """``gluon``, ``gluon-n64``, ``gluon-s3``, ``gluon-n64-s3-pp``: the Gluon forward with its table config or the
+    key tile (``n``), stages (``s``), ping-pong on (``pp``) or off (``nopp``) given."""
+    cfg = fwd_gluon.gluon_fwd_config(d, causal)
+    for part in name.split("-")[1:]:
+        if part in ("pp", "nopp"):
+            cfg = dataclasses.replace(cfg, pingpong=part == "pp")
+        elif part.startswith("n"):
+            cfg = dataclasses.replace(cfg, block_n=int(part[1:]))
+        elif part.startswith("s"):
+            cfg = dataclasses.replace(cfg, stages=int(part[1:]))
+    return cfg
+
+
 def _cudnn(qt, kt, vt, causal):
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
@@ -72,6 +88,11 @@ def run_cell(d, causal, s, variants, dev="cuda"):
         max_seqlen_q=s, max_seqlen_k=s, softmax_scale=scale, window_left=None,
         window_right=0 if causal else None, softcap=0.0, sink=None)}
     for name in variants:
+        if name.startswith("gluon"):
+            cfg = _gluon_cfg(name, d, causal)
+            provs[name] = functools.partial(fwd_gluon.attn_fwd_gluon, q, k, v, out, lse,
+                                            qk_scale=scale * math.log2(math.e), causal=causal, cfg=cfg)
+            continue
         if name in D256_CONFIGS and d != 256 or (name in ("ws-nolpt", "ws-inloop", "ws-2k") and not causal):
             continue
         if name in DIAG:

@@ -21,7 +21,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from triflash.configs import _BWD_ATOMIC_TABLE, _BWD_HOPPER_TABLE, _FWD_HOPPER_TABLE, AttnBwdConfig
-from triflash.kernels import bwd, bwd_gluon, bwd_hopper, fwd_hopper
+from triflash.kernels import bwd, bwd_gluon, bwd_hopper, fwd_gluon, fwd_hopper
 
 
 def _tool(name):
@@ -149,19 +149,38 @@ def compile_bwd_gluon(head_dim, causal):
                   STAGES=bwd_gluon.STAGES, CAUSAL=causal, NUM_WARPS=bwd_gluon.NUM_WARPS,
                   WORKER_REGS=bwd_gluon.WORKER_REGS)
 
-    def desc(rows, dtype=gl.bfloat16):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], dtype)
-        return f"tensordesc<{'bf16' if dtype == gl.bfloat16 else 'fp32'}[{rows}, {head_dim}],{layout!r}>"
-
-    sig = _signature(kernel, consts, q_desc=desc(bwd_gluon.BLOCK_M), do_desc=desc(bwd_gluon.BLOCK_M),
-                     k_desc=desc(bwd_gluon.BLOCK_N), v_desc=desc(bwd_gluon.BLOCK_N),
-                     dq_desc=desc(bwd_gluon.BLOCK_M, gl.float32))  # dQ: the fp32 accumulator
+    m, n = bwd_gluon.BLOCK_M, bwd_gluon.BLOCK_N
+    sig = _signature(kernel, consts, q_desc=_desc_type(m, head_dim), do_desc=_desc_type(m, head_dim),
+                     k_desc=_desc_type(n, head_dim), v_desc=_desc_type(n, head_dim),
+                     dq_desc=_desc_type(m, head_dim, gl.float32))  # dQ: the fp32 accumulator
     cfg = AttnBwdConfig(bwd_gluon.BLOCK_M, bwd_gluon.BLOCK_N, bwd_gluon.NUM_WARPS, bwd_gluon.STAGES)
     return _build_report(kernel, sig, consts, cfg, head_dim, causal, GluonASTSource)
 
 
+def compile_fwd_gluon(head_dim, causal, cfg=None):
+    """The Gluon forward as launched for bf16: host TMA descriptors over Q and O (64-row halves), K and V."""
+    kernel = fwd_gluon._attn_fwd_gluon_kernel
+    cfg = cfg or fwd_gluon.gluon_fwd_config(head_dim, causal)
+    consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
+                  PINGPONG=cfg.pingpong,
+                  LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=fwd_gluon.CONSUMER_REGS)
+    half = fwd_gluon.BLOCK_M // 2
+    sig = _signature(kernel, consts, q_desc=_desc_type(half, head_dim), o_desc=_desc_type(half, head_dim),
+                     k_desc=_desc_type(cfg.block_n, head_dim), v_desc=_desc_type(cfg.block_n, head_dim))
+    launch = AttnBwdConfig(fwd_gluon.BLOCK_M, cfg.block_n, 4, cfg.stages)
+    return _build_report(kernel, sig, consts, launch, head_dim, causal, GluonASTSource)
+
+
+def _desc_type(rows, cols, dtype=gl.bfloat16):
+    """The signature type of a host TMA descriptor over ``[rows, cols]`` blocks with the default NVMMA layout."""
+    layout = gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
+    return f"tensordesc<{'bf16' if dtype == gl.bfloat16 else 'fp32'}[{rows}, {cols}],{layout!r}>"
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["bwd_gluon"]:
+    if sys.argv[1:] == ["fwd_gluon"]:
+        json.dump([compile_fwd_gluon(d, causal) for d in (64, 128, 256) for causal in (False, True)], sys.stdout)
+    elif sys.argv[1:] == ["bwd_gluon"]:
         json.dump([compile_bwd_gluon(d, causal) for d in (64, 128) for causal in (False, True)], sys.stdout)
     elif sys.argv[1:] == ["bwd_hopper"]:
         json.dump([compile_bwd_hopper_config(bound, rows[causal], causal) for bound, rows in _BWD_HOPPER_TABLE

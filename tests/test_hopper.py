@@ -103,25 +103,25 @@ def test_compile_sm90_backward():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_hopper_gpu(case, dtype, device):
-    """On sm_90 these shapes take the Hopper path; compare with the reference and with the portable path."""
+def test_hopper_gpu(case, dtype, device, monkeypatch):
+    """On sm_90 these shapes take the Hopper (Triton) path, the Gluon forward off; compare with the reference and
+    with the portable path."""
     spec = dict(CASES[case])
     spec.pop("cpu_shape")
     shape = spec.pop("shape")
     sink = torch.randn(shape[3], device=device) if spec.pop("sink", False) else None
     q, k, v = _inputs(shape, dtype, device)
-    os.environ["TRIFLASH_HOPPER"] = "1"  # opt in for this test
-    try:
-        if torch.cuda.get_device_capability()[0] == 9:
-            window_right = 0 if spec.get("causal") else None
-            assert fwd_hopper.hopper_fwd_eligible(q, k, v, q, None, None, None, None, window_right=window_right)
-        tensors = dict(q=q, k=k, v=v) | ({"learnable_sink": sink} if sink is not None else {})
+    monkeypatch.setenv("TRIFLASH_HOPPER", "1")  # opt in for this test
+    monkeypatch.setenv("TRIFLASH_GLUON_FWD", "0")
+    if torch.cuda.get_device_capability()[0] == 9:
+        window_right = 0 if spec.get("causal") else None
+        assert fwd_hopper.hopper_fwd_eligible(q, k, v, q, None, None, None, None, window_right=window_right)
+    tensors = dict(q=q, k=k, v=v) | ({"learnable_sink": sink} if sink is not None else {})
 
-        def fn(q, k, v, learnable_sink=None):
-            return flash_attn_func(q, k, v, learnable_sink=learnable_sink, return_lse=True, **spec)
+    def fn(q, k, v, learnable_sink=None):
+        return flash_attn_func(q, k, v, learnable_sink=learnable_sink, return_lse=True, **spec)
 
-        out, lse, _ = check_against_ref(fn, tensors, spec, ref_fp64=False)
-    finally:
-        del os.environ["TRIFLASH_HOPPER"]
+    out, lse, _ = check_against_ref(fn, tensors, spec, ref_fp64=False)
+    monkeypatch.setenv("TRIFLASH_HOPPER", "0")
     out_portable = flash_attn_func(q, k, v, learnable_sink=sink, **spec)
     assert (out.float() - out_portable.float()).abs().max() < 2e-2

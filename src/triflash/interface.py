@@ -17,7 +17,8 @@ from torch import Tensor
 from . import checks
 from .configs import pick_attn_fwd_config, pick_num_splits
 from .kernels.bwd import attn_bwd
-from .kernels.fwd import attn_fwd
+from .kernels.fwd import attn_fwd, fwd_softmax_args
+from .kernels.fwd_gluon import attn_fwd_gluon, gluon_fwd_eligible
 from .kernels.fwd_hopper import attn_fwd_hopper, hopper_fwd_eligible
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
@@ -45,11 +46,17 @@ def _new_outputs(q, v, cu_seqlens_q):
 
 def _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
              softmax_scale, window_left, window_right, softcap, sink):
-    """The Hopper forward where it applies (sm_90, dense, packed heads), else the portable kernel."""
+    """The Gluon or Hopper forward where they apply (sm_90, dense, packed heads), else the portable kernel."""
+    causal = window_right == 0 and window_left is None
+    varlen = any(x is not None for x in (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k))
+    window = not causal and (window_left is not None or window_right is not None)
+    if gluon_fwd_eligible(q, k, v, out, lse, varlen=varlen, causal=causal, window=window, softcap=softcap, sink=sink):
+        q, qk_scale, _ = fwd_softmax_args(q, softmax_scale, softcap)
+        attn_fwd_gluon(q, k, v, out, lse, qk_scale=qk_scale, causal=causal)
+        return
     if hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
                            window_left=window_left, window_right=window_right):
-        attn_fwd_hopper(q, k, v, out, lse, softmax_scale=softmax_scale, softcap=softcap, sink=sink,
-                        causal=window_right == 0 and window_left is None)
+        attn_fwd_hopper(q, k, v, out, lse, softmax_scale=softmax_scale, softcap=softcap, sink=sink, causal=causal)
         return
     attn_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
              seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,

@@ -277,14 +277,20 @@ def gluon_bwd_eligible(q, k, v, dk, dv, do, lse, *, varlen, causal, window, soft
     """
     if deterministic or softcap or sink is not None:
         return False
-    mode = os.environ.get("TRIFLASH_GLUON_BWD", "auto")
+    if not gluon_switch("TRIFLASH_GLUON_BWD", q, k.shape[1], _DEFAULT_MIN_SK.get(q.shape[-1], float("inf"))):
+        return False
+    return gluon_shapes_ok(q, k, v, dk, dv, do, lse, varlen=varlen, causal=causal, window=window)
+
+
+def gluon_switch(env, q, seqlen_k, min_seqlen_k) -> bool:
+    """Whether a Gluon kernel may run on ``q``'s device (sm_90, not interpreting) under its environment switch
+    ``env``: ``0`` never, ``1`` wherever it can, unset (auto) from ``min_seqlen_k`` keys."""
+    mode = os.environ.get(env, "auto")
     if mode == "0" or interpreting() or q.device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    if mode != "1" and k.shape[1] < _DEFAULT_MIN_SK.get(q.shape[-1], float("inf")):
-        return False
-    return gluon_shapes_ok(q, k, v, dk, dv, do, lse, varlen=varlen, causal=causal, window=window)
+    return mode == "1" or seqlen_k >= min_seqlen_k
 
 
 # head dim -> the shortest S_k from which the Gluon backward is the default (deterministic=False). H100,

@@ -1,0 +1,98 @@
+"""The Gluon forward (kernels/fwd_gluon.py): compiled for sm_90 on the CPU, run on a GPU (Gluon does not run
+under the interpreter)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from attn_check import check_against_ref
+from test_hopper import _inputs
+
+from triflash import flash_attn_func
+from triflash.kernels import fwd_gluon
+
+# (B, S_q, S_k, H, H_k, D) and flags: whole 128-row query tiles and key tiles.
+CASES = {
+    "mha-d64": dict(shape=(2, 512, 512, 2, 2, 64)),
+    "gqa-d128-sq-lt-sk": dict(shape=(2, 256, 1152, 4, 2, 128)),
+    "mha-d256": dict(shape=(1, 384, 640, 2, 2, 256)),
+    "causal-gqa-d128": dict(shape=(2, 1024, 1024, 4, 2, 128), causal=True),
+    "causal-d64": dict(shape=(1, 768, 768, 3, 3, 64), causal=True),
+    # S_k - S_q = 1024, 4 query heads per kv head.
+    "causal-sq-lt-sk-gqa4-d128": dict(shape=(1, 384, 1408, 8, 2, 128), causal=True),
+    # 64-key tiles at D=256, S_k - S_q = 64: the diagonal crosses a program's rows mid-way, the first
+    # warpgroup's last tile is wholly masked.
+    "causal-sq-lt-sk-d256": dict(shape=(1, 256, 320, 2, 1, 256), causal=True),
+    "scale": dict(shape=(1, 256, 256, 2, 2, 128), softmax_scale=-0.3),
+}
+
+
+def _shapes_ok(q, k, v, causal=False):
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1])
+    return fwd_gluon.gluon_fwd_shapes_ok(q, k, v, torch.empty_like(q[..., :v.shape[-1]]), lse, causal=causal)
+
+
+def test_gluon_fwd_shapes(monkeypatch):
+    """What the Gluon forward takes: whole 128-row tiles and key tiles, D = Dv in {64, 128, 256}, 2-byte
+    types, packed heads, causal S_q <= S_k; never on the CPU, with softcap, a sink, varlen or a window."""
+    q, k, v = _inputs((1, 128, 128, 2, 2, 64), torch.bfloat16, "cpu")
+    assert _shapes_ok(q, k, v) and _shapes_ok(q, k, v, causal=True)
+    assert not _shapes_ok(*_inputs((1, 64, 128, 2, 2, 64), torch.bfloat16, "cpu"))  # 64 rows
+    assert not _shapes_ok(*_inputs((1, 128, 192, 2, 2, 128), torch.bfloat16, "cpu"))  # 192 keys
+    assert _shapes_ok(*_inputs((1, 128, 192, 2, 2, 256), torch.bfloat16, "cpu"))  # 64-key tiles at D=256
+    assert not _shapes_ok(*_inputs((1, 256, 128, 2, 2, 64), torch.bfloat16, "cpu"), causal=True)  # S_q > S_k
+    assert not _shapes_ok(*_inputs((1, 128, 128, 2, 2, 96), torch.bfloat16, "cpu"))
+    assert not _shapes_ok(*_inputs((1, 128, 128, 2, 2, 64), torch.float32, "cpu"))
+    assert not _shapes_ok(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)  # heads not packed
+    lse = torch.empty(1, 2, 128)
+    kw = dict(varlen=False, causal=False, window=False, softcap=0.0, sink=None)
+    monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
+    assert not fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, **kw)  # CPU tensors
+    if torch.cuda.is_available():
+        q, k, v, lse = (x.cuda() for x in (q, k, v, lse))
+        assert fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, **kw) == (torch.cuda.get_device_capability()[0] == 9)
+        sink = torch.zeros(2, device="cuda")
+        for change in (dict(varlen=True), dict(window=True), dict(softcap=1.0), dict(sink=sink)):
+            assert not fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, **(kw | change))
+        monkeypatch.setenv("TRIFLASH_GLUON_FWD", "0")
+        assert not fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, **kw)
+
+
+def test_compile_sm90_gluon_fwd():
+    """Build the Gluon forward for sm_90 on the CPU: wgmma, TMA loads and stores, register split between the
+    producer and the consumer warpgroups (setmaxnreg), shared memory within an H100's 227 KiB, no spills in the
+    loops (one per consumer warpgroup)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
+    res = subprocess.run([sys.executable, script, "fwd_gluon"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = json.loads(res.stdout)
+    assert len(reports) == 6
+    for r in reports:
+        assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
+        assert r["smem"] <= 232448 and r["hot_loops"] == 2 and r["loop_spills"] == 0, r
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gluon_fwd_gpu(case, dtype, device, monkeypatch):
+    """TRIFLASH_GLUON_FWD=1 takes the Gluon forward on sm_90: output and LSE (and the backward from them)
+    against the reference through the public API, outputs poisoned."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward runs on sm_90")
+    monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
+    spec = dict(CASES[case])
+    shape = spec.pop("shape")
+    q, k, v = _inputs(shape, dtype, device)
+    lse = torch.empty(shape[0], shape[3], shape[1], device=device)
+    assert fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, varlen=False, causal=spec.get("causal", False),
+                                        window=False, softcap=0.0, sink=None)
+
+    def fn(q, k, v):
+        return flash_attn_func(q, k, v, return_lse=True, **spec)
+
+    check_against_ref(fn, dict(q=q, k=k, v=v), spec, ref_fp64=False)
