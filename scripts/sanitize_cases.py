@@ -70,7 +70,21 @@ def kvcache_append(dtype):
     return 0.0 if torch.isfinite(out).all() else float("nan")
 
 
+def gluon_fwd_cases(dtype):
+    """The Gluon forward (sm_90; TRIFLASH_GLUON_FWD=1): causal GQA with S_q < S_k at D=128 and D=256 (64-key
+    tiles), and a persistent non-causal launch with more work items (256) than SMs."""
+    os.environ["TRIFLASH_GLUON_FWD"] = "1"
+    errs = [dense(dtype, 256, 384, 4, 2, 128, 128, causal=True), dense(dtype, 128, 192, 2, 1, 256, 256, causal=True),
+            dense(dtype, 2048, 2048, 16, 4, 64, 64)]
+    del os.environ["TRIFLASH_GLUON_FWD"]
+    return errs
+
+
 def main():
+    if os.environ.get("SANITIZE_ONLY") == "gluon_fwd":  # the Gluon forward's cases alone (a shorter sanitizer run)
+        errs = [e for dtype in (torch.float16, torch.bfloat16) for e in gluon_fwd_cases(dtype)]
+        print(f"{sum(e < 0.05 for e in errs)}/{len(errs)} sanitizer cases passed (max err {max(errs):.2e})")
+        raise SystemExit(0 if all(e < 0.05 for e in errs) else 1)
     errs = []
     for dtype in (torch.float16, torch.bfloat16) if DEV == "cuda" else (torch.float16,):
         errs.append(dense(dtype, 200, 300, 4, 2, 64, 64, causal=True))
@@ -84,10 +98,12 @@ def main():
         # The Hopper forward on sm_90 (TRIFLASH_HOPPER=1: at these lengths the default picks the portable
         # kernel): non-causal, causal through the diagonal kernel (D=128) and masked in-loop (D=256).
         os.environ["TRIFLASH_HOPPER"] = "1"
+        os.environ["TRIFLASH_GLUON_FWD"] = "0"
         errs.append(dense(dtype, 256, 384, 4, 2, 128, 128, causal=True))
         errs.append(dense(dtype, 128, 256, 2, 1, 256, 256, causal=True))
         errs.append(dense(dtype, 128, 256, 2, 2, 64, 64))
         del os.environ["TRIFLASH_HOPPER"]
+        errs.extend(gluon_fwd_cases(dtype))
         # The Hopper dK/dV kernel (sm_90; the two cases above take it too): GQA with softcap.
         errs.append(dense(dtype, 128, 256, 4, 2, 128, 128, softcap=3.0))
         # The Gluon backward (sm_90, deterministic=False; TRIFLASH_GLUON_BWD=1: at these lengths the default

@@ -165,7 +165,7 @@ def compile_fwd_gluon(head_dim, causal, cfg=None):
                   PINGPONG=cfg.pingpong,
                   LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=fwd_gluon.CONSUMER_REGS)
     half = fwd_gluon.BLOCK_M // 2
-    sig = _signature(kernel, consts, q_desc=_desc_type(half, head_dim), o_desc=_desc_type(half, head_dim),
+    sig = _signature(kernel, consts, q_desc=_desc_type(half, head_dim),
                      k_desc=_desc_type(cfg.block_n, head_dim), v_desc=_desc_type(cfg.block_n, head_dim))
     launch = AttnBwdConfig(fwd_gluon.BLOCK_M, cfg.block_n, 4, cfg.stages)
     return _build_report(kernel, sig, consts, launch, head_dim, causal, GluonASTSource)

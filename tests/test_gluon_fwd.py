@@ -1,6 +1,7 @@
 """The Gluon forward (kernels/fwd_gluon.py): compiled for sm_90 on the CPU, run on a GPU (Gluon does not run
 under the interpreter)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -77,14 +78,21 @@ def test_compile_sm90_gluon_fwd():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["table", "persistent"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_gluon_fwd_gpu(case, dtype, device, monkeypatch):
+def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
     """TRIFLASH_GLUON_FWD=1 takes the Gluon forward on sm_90: output and LSE (and the backward from them)
-    against the reference through the public API, outputs poisoned."""
+    against the reference through the public API, outputs poisoned. ``persistent``: three programs walk all
+    the work items (several each, of different lengths under causal), ping-pong flipped from the table's."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
+    if schedule == "persistent":
+        flipped = {key: dataclasses.replace(cfg, persistent=True, pingpong=not cfg.pingpong)
+                   for key, cfg in fwd_gluon._CONFIGS.items()}
+        monkeypatch.setattr(fwd_gluon, "_CONFIGS", flipped)
+        monkeypatch.setattr(fwd_gluon, "_num_sms", lambda device: 3)
     spec = dict(CASES[case])
     shape = spec.pop("shape")
     q, k, v = _inputs(shape, dtype, device)

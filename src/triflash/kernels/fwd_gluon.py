@@ -1,31 +1,32 @@
 """Hopper (sm_90) forward in Gluon: FlashAttention-3's schedule with explicit warpgroups.
 
-One program owns ``BLOCK_M`` = 128 query rows of one head and three partitions:
+A work item is ``BLOCK_M`` = 128 query rows of one head (``_tile``); a program takes one item, or, persistent,
+one program per SM walks every ``num_programs``-th item. Three partitions:
 
-- a producer warp loads the two 64-row halves of Q once, then each key tile's K and V by TMA into a ring
-  of ``STAGES`` buffers (``k_ready``/``v_ready``; ``k_empty``/``v_empty``, which both consumers release: K's
-  slot as soon as the S GEMMs have read it, so that the next K load starts a whole step earlier);
-- two consumer warpgroups, 64 query rows each, independent of each other: each issues S = Q K^T of the
-  next tile and O += P V of the current one back to back (wgmma, asynchronous), runs the online softmax of
-  the next scores while P V is on the tensor cores, then rescales O. P goes to the second GEMM from
-  registers. The two warpgroups drift apart, so one's softmax overlaps the other's GEMMs.
+- a producer warp loads the two 64-row halves of Q (once the consumers' last S GEMMs of the previous item
+  have read theirs), then each key tile's K and V by TMA into a ring of ``STAGES`` buffers (``k_ready`` /
+  ``v_ready``; ``k_empty`` / ``v_empty``, which both consumers release: K's slot as soon as the S GEMMs have
+  read it, so that the next K load starts a whole step earlier), running ahead across items;
+- two consumer warpgroups, 64 query rows each: each issues S = Q K^T of the next key tile and O += P V of
+  the current one back to back (wgmma, asynchronous), runs the online softmax of the next scores while P V
+  is on the tensor cores, then rescales O. P goes to the second GEMM from registers. The warpgroups drift
+  apart, so one's softmax overlaps the other's GEMMs; ``pingpong`` makes them take turns explicitly.
 
-The epilogue normalises O, stores it through shared memory (the warpgroup's Q buffer) by TMA and writes the
-log-sum-exp. Causal (``S_q <= S_k``, bottom-right aligned): each program walks the keys up to its last
-row's diagonal; the tiles that reach past its first row's diagonal are masked. Dense batches of packed
-heads, D = Dv in {64, 128, 256}, fp16/bf16, ``S_q`` a multiple of 128, ``S_k`` of the key tile, no softcap,
-sink or window but the causal one (``gluon_fwd_eligible``); everything else runs ``fwd_hopper.py`` or the
-portable kernel. Gluon does not run under the interpreter: the CPU tests compile it for sm_90
-(``tests/sm90_compile.py``), the GPU tests run it.
+The epilogue normalises O and writes it and the log-sum-exp from registers (overlapping the next item's
+loads). Causal (``S_q <= S_k``, bottom-right aligned): an item walks the keys up to its last row's diagonal;
+the tiles past its first row's diagonal are masked. Dense batches of packed heads, D = Dv in {64, 128, 256},
+fp16/bf16, ``S_q`` a multiple of 128, ``S_k`` of the key tile, no softcap, sink or window but the causal one
+(``gluon_fwd_eligible``); everything else runs ``fwd_hopper.py`` or the portable kernel. Gluon does not run
+under the interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``), the GPU tests run it.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -45,44 +46,89 @@ class GluonFwdConfig:
     block_n: int  # keys per tile
     stages: int  # K/V ring depth
     pingpong: bool = False  # the consumer warpgroups take turns issuing their GEMMs (FlashAttention-3's schedule)
+    persistent: bool = False  # one program per SM walking the work items (else one program per item)
 
 
 # (head dim, causal) -> tile config. Shared memory: Q 2 x 64 x D, K and V STAGES x BLOCK_N x D each (bf16).
-# H100, 2026-11-24, bf16, scripts/hopper_fwd_variants.py (16k tokens, H = 2048 / D), TFLOP/s at S = 1k / 4k / 16k,
-# ping-pong off / on (cuDNN in the same run):
+# H100, 2026-11-24, bf16, scripts/hopper_fwd_variants.py (16k tokens, H = 2048 / D), TFLOP/s at S = 1k / 4k / 16k.
+# One program per work item, ping-pong off | on (cuDNN in the same run), O stored by TMA:
 #   D=64  3 stages non-causal 364/433/464 | 350/418/450 (426/399/434); causal 235/332/437 | 234/334/421 (336/409/387)
 #   D=128 2 stages non-causal 511/579/631 | 526/597/635 (573/602/550); causal 270/489/582 | 270/475/600 (424/531/566)
 #         (3 stages: 509/591/637 | 520/588/632, causal 269/483/570 | 269/471/595)
 #   D=256 2 stages non-causal 595/655/679 | 600/671/704 (597/648/675); causal 272/585/644 | 273/532/648 (444/555/596)
 # Before K's and V's slots were released separately (one barrier after P V), 2 stages at D=128 16k ran 548 / 556.
+# Persistent (one program per SM), O stored from registers, table config (ping-pong as below) / persistent with
+# ping-pong off | on (cuDNN), a later run:
+#   D=64  non-causal 345/445/463 / 407/446/466 | 401/450/454 (427/455/475); causal 211/321/430 / 251/339/413 |
+#         255/351/395 (332/413/445)
+#   D=128 non-causal 480/599/617 / 523/618/630 | 507/589/630 (575/609/636); causal 253/475/645 / 254/488/576 |
+#         253/464/549 (418/514/559)
+#   D=256 non-causal 508/612/628 / 542/638/672 | 513/615/671 (581/650/542); causal 253/530/644 / 238/488/554 |
+#         240/505/577 (438/555/604)
+# Non-causal: persistent, ping-pong off. Causal: one program per item (the hardware's dynamic order balances the
+# items' unequal lengths better than a static stride over them), ping-pong at D=128 only.
 _CONFIGS = {
-    (64, False): GluonFwdConfig(128, 3), (64, True): GluonFwdConfig(128, 3),
-    (128, False): GluonFwdConfig(128, 2, True), (128, True): GluonFwdConfig(128, 2, True),
-    (256, False): GluonFwdConfig(64, 2, True), (256, True): GluonFwdConfig(64, 2),
+    (64, False): GluonFwdConfig(128, 3, persistent=True), (64, True): GluonFwdConfig(128, 3),
+    (128, False): GluonFwdConfig(128, 2, persistent=True), (128, True): GluonFwdConfig(128, 2, pingpong=True),
+    (256, False): GluonFwdConfig(64, 2, persistent=True), (256, True): GluonFwdConfig(64, 2),
 }
 
 
 @gluon.jit
-def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, q_row, k_row0,
-              h, hk, n_tiles, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr):
-    """The producer warp: both Q halves, then K and V of every key tile, ``STAGES`` tiles ahead."""
+def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+          CAUSAL: gl.constexpr):
+    """Work item ``t``: ``(m_start, b, h, hk, n_tiles, n_free)``, its first query row, batch, head, kv head, key
+    tiles to walk and how many of them are mask-free. Non-causal: the query tiles of one head in a row (they
+    share K and V in L2); causal: the last query tile of every head first (longest first)."""
+    if CAUSAL:
+        pid_m = tiles_m - 1 - t // n_bh
+        bh = t % n_bh
+    else:
+        pid_m = t % tiles_m
+        bh = t // tiles_m
+    h = bh % nheads
+    m_start = pid_m * BLOCK_M
+    n_tiles = seqlen_k // BLOCK_N
+    n_free = n_tiles
+    if CAUSAL:  # keys up to the last row's diagonal; mask-free up to the first row's
+        off = seqlen_k - seqlen_q
+        n_tiles = gl.minimum((m_start + BLOCK_M + off + BLOCK_N - 1) // BLOCK_N, n_tiles)
+        n_free = gl.minimum((m_start + off + 1) // BLOCK_N, n_tiles)
+    return m_start, bh // nheads, h, h // group_size, n_tiles, n_free
+
+
+@gluon.jit
+def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+              total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, HEAD_DIM: gl.constexpr,
+              HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """The producer warp, per work item: both Q halves (once the consumers' last S GEMMs of the previous item
+    have read theirs), then K and V of every key tile, ``STAGES`` tiles ahead, across work items."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, h * HEAD_DIM], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, h * HEAD_DIM], q_bar, q_smem.index(1))
-    for j in range(n_tiles):
-        s = j % STAGES
-        # A fresh barrier counts its phase "before 0" as complete: the first pass does not wait. K's slot is
-        # released as soon as both consumers' S GEMMs have read it, V's once their P V GEMMs have.
-        phase = ((j // STAGES) & 1) ^ 1
-        row = k_row0 + j * BLOCK_N
-        mbarrier.wait(k_empty.index(s), phase)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, hk * HEAD_DIM], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), phase)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, hk * HEAD_DIM_V], v_ready.index(s), v_smem.index(s))
+    it = 0
+    i = 0
+    for t in range(gl.program_id(0), total, gl.num_programs(0)):
+        m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
+                                                   2 * HALF, BLOCK_N, CAUSAL)
+        q_row = b * seqlen_q + m_start
+        k_row0 = b * seqlen_k
+        # A fresh barrier counts its phase "before 0" as complete: the first pass does not wait.
+        mbarrier.wait(q_empty, (i & 1) ^ 1)
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, h * HEAD_DIM], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [q_row + HALF, h * HEAD_DIM], q_bar, q_smem.index(1))
+        for j in range(n_tiles):
+            s = it % STAGES
+            # K's slot is released as soon as both consumers' S GEMMs have read it, V's once their P V GEMMs have.
+            phase = ((it // STAGES) & 1) ^ 1
+            row = k_row0 + j * BLOCK_N
+            mbarrier.wait(k_empty.index(s), phase)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [row, hk * HEAD_DIM], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), phase)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [row, hk * HEAD_DIM_V], v_ready.index(s), v_smem.index(s))
+            it += 1
+        i += 1
 
 
 @gluon.jit
@@ -95,14 +141,14 @@ def _masked_scores(x, j, first_row, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _fwd_consume(q_smem, k_smem, v_smem, o_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, lse_ptr,
-                 lse_off, o_row, o_col, n_tiles, n_free, first_row, qk_scale,
-                 HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 WG: gl.constexpr, PINGPONG: gl.constexpr):
-    """One consumer warpgroup (``WG`` 0 or 1): 64 query rows against every key tile, two GEMMs in flight per
-    step. ``PINGPONG``: the warpgroups issue their GEMMs by turns (``turn``: warpgroup w waits on its barrier
-    before issuing, then arrives on the other's; warpgroup 0 goes first), so that one's softmax runs while the
-    other's GEMMs do."""
+def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, o_ptr, lse_ptr,
+                 stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
+                 qk_scale, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """One consumer warpgroup (``WG`` 0 or 1): per work item, its 64 query rows against every key tile, two
+    GEMMs in flight per step. ``PINGPONG``: the warpgroups issue their GEMMs by turns (``turn``: warpgroup w
+    waits on its barrier before issuing, then arrives on the other's; warpgroup 0 goes first), so that one's
+    softmax runs while the other's GEMMs do."""
     HALF: gl.constexpr = q_smem.shape[0]
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -111,106 +157,110 @@ def _fwd_consume(q_smem, k_smem, v_smem, o_smem, q_bar, k_ready, v_ready, k_empt
                                                        instr_shape=[16, HEAD_DIM_V, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
-
-    mbarrier.wait(q_bar, 0)
-    # The first tile: scores, running max and sum.
-    mbarrier.wait(k_ready.index(0), 0)
-    x = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    x = warpgroup_mma_wait(0, deps=[x])
-    mbarrier.arrive(k_empty.index(0))
-    if CAUSAL:
-        if n_free == 0:
-            x = _masked_scores(x, 0, first_row, BLOCK_N)
-    m_i = gl.max(x, 1) * qk_scale
-    p = gl.exp2(x * qk_scale - m_i[:, None])
-    l_i = gl.sum(p, 1)
-    acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
-    for j in range(1, n_tiles):
-        s = j % STAGES
-        prev = (j - 1) % STAGES
-        # S of tile j and O += P V of tile j - 1 on the tensor cores together.
-        p16 = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        if PINGPONG:
-            mbarrier.wait(turn.index(WG), ((j - 1) & 1) ^ (1 - WG))
+    it = 0  # key tiles consumed so far (ring slots and phases, turns)
+    i = 0  # work items done (Q's phase)
+    for t in range(gl.program_id(0), total, gl.num_programs(0)):
+        m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
+                                                   2 * HALF, BLOCK_N, CAUSAL)
+        row0 = m_start + WG * HALF
+        first_row = row0 + seqlen_k - seqlen_q
+        mbarrier.wait(q_bar, i & 1)
+        # The first key tile: scores, running max and sum.
+        s = it % STAGES
+        mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
         x = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
+        x = warpgroup_mma_wait(0, deps=[x])
+        mbarrier.arrive(k_empty.index(s))
+        if n_tiles == 1:
+            mbarrier.arrive(q_empty)
+        if CAUSAL:
+            if n_free == 0:
+                x = _masked_scores(x, 0, first_row, BLOCK_N)
+        m_i = gl.max(x, 1) * qk_scale
+        p = gl.exp2(x * qk_scale - m_i[:, None])
+        l_i = gl.sum(p, 1)
+        acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
+        for j in range(1, n_tiles):
+            cur = it + j
+            s = cur % STAGES
+            prev = (cur - 1) % STAGES
+            # S of tile j and O += P V of tile j - 1 on the tensor cores together.
+            p16 = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(k_ready.index(s), (cur // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((cur - 1) // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(turn.index(WG), ((cur - 1) & 1) ^ (1 - WG))
+            x = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - WG))
+            x = warpgroup_mma_wait(1, deps=[x])
+            mbarrier.arrive(k_empty.index(s))
+            if j == n_tiles - 1:  # the last S GEMM has read Q: the producer may load the next item's
+                mbarrier.arrive(q_empty)
+            if CAUSAL:
+                if j >= n_free:
+                    x = _masked_scores(x, j, first_row, BLOCK_N)
+            # The softmax of tile j while P V of tile j - 1 runs.
+            m_new = gl.maximum(m_i, gl.max(x, 1) * qk_scale)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(x * qk_scale - m_new[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
+            mbarrier.arrive(v_empty.index(prev))
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        last = it + n_tiles - 1
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), (last & 1) ^ (1 - WG))
+        acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - WG))
-        x = warpgroup_mma_wait(1, deps=[x])
-        mbarrier.arrive(k_empty.index(s))
-        if CAUSAL:
-            if j >= n_free:
-                x = _masked_scores(x, j, first_row, BLOCK_N)
-        # The softmax of tile j while P V of tile j - 1 runs.
-        m_new = gl.maximum(m_i, gl.max(x, 1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(x * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
         acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
-        mbarrier.arrive(v_empty.index(prev))
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    last = (n_tiles - 1) % STAGES
-    p16 = gl.convert_layout(p.to(dtype), p_layout)
-    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-    if PINGPONG:
-        mbarrier.wait(turn.index(WG), ((n_tiles - 1) & 1) ^ (1 - WG))
-    acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG))
-    acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
-    mbarrier.arrive(v_empty.index(last))
+        mbarrier.arrive(v_empty.index(last % STAGES))
 
-    # Epilogue: O / l through this warpgroup's Q buffer (no GEMM reads it any more) by TMA; LSE in natural log.
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    o_smem.store((acc / l_o[:, None]).to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [o_row, o_col], o_smem)
-    rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
-    gl.store(lse_ptr + lse_off + rows, (m_i + gl.log2(l_i)) * 0.6931471805599453)
-    tma.store_wait(pendings=0)
+        # Epilogue: O / l and the LSE (natural log) from registers, while the producer loads the next item.
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        o_rows = (b * seqlen_q + row0).to(gl.int64) + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+        o_cols = h * HEAD_DIM_V + gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, o_layout))
+        gl.store(o_ptr + (o_rows * stride_os)[:, None] + o_cols[None, :], (acc / l_o[:, None]).to(dtype))
+        rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+        lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + row0
+        gl.store(lse_ptr + lse_off + rows, (m_i + gl.log2(l_i)) * 0.6931471805599453)
+        it += n_tiles
+        i += 1
 
 
 @gluon.jit
 def _attn_fwd_gluon_kernel(
-    q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_lh,
-    nheads, seqlen_q, seqlen_k, group_size, qk_scale,
+    q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh,
+    batch, nheads, seqlen_q, seqlen_k, group_size, qk_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
-    """O and LSE of 128 query rows of one head. Grid ``(S_q / 128, B * H)``; causal ``(B * H, S_q / 128)``
-    with the last query tile (the most keys) launched first."""
-    if CAUSAL:
-        pid_m = gl.num_programs(1) - 1 - gl.program_id(1)
-        bh = gl.program_id(0)
-    else:
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
-    h = bh % nheads
-    b = bh // nheads
-    hk = h // group_size
+    """O and LSE of 128 query rows of one head per work item (``_tile``); a program takes items
+    ``program_id, program_id + num_programs, ...`` (one each when the grid covers them all; persistent when
+    it has one program per SM)."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
-    m_start = pid_m * (2 * HALF)
-    off = seqlen_k - seqlen_q
-    n_tiles = seqlen_k // BLOCK_N
-    n_free = n_tiles
-    if CAUSAL:  # keys up to the last row's diagonal; mask-free up to the first row's
-        n_tiles = gl.minimum((m_start + 2 * HALF + off + BLOCK_N - 1) // BLOCK_N, n_tiles)
-        n_free = gl.minimum((m_start + off + 1) // BLOCK_N, n_tiles)
+    tiles_m = seqlen_q // (2 * HALF)
+    n_bh = batch * nheads
+    total = tiles_m * n_bh
 
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM_V], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_empty, count=2)  # both consumer warpgroups release Q
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     for i in gl.static_range(STAGES):
@@ -219,18 +269,17 @@ def _attn_fwd_gluon_kernel(
         mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a stage
         mbarrier.init(v_empty.index(i), count=2)
 
-    q_row = b * seqlen_q + m_start
-    lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + m_start
     # The default partition is the first consumer warpgroup; the workers the second one and the producer.
     gl.warp_specialize([
-        (_fwd_consume, (q_smem.index(0), k_smem, v_smem, q_smem.index(0), q_bar, k_ready, v_ready, k_empty, v_empty,
-                        turn, o_desc, lse_ptr, lse_off, q_row, h * HEAD_DIM_V, n_tiles, n_free, m_start + off,
-                        qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, 0, PINGPONG)),
-        (_fwd_consume, (q_smem.index(1), k_smem, v_smem, q_smem.index(1), q_bar, k_ready, v_ready, k_empty, v_empty,
-                        turn, o_desc, lse_ptr, lse_off + HALF, q_row + HALF, h * HEAD_DIM_V, n_tiles, n_free,
-                        m_start + HALF + off, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, 1, PINGPONG)),
-        (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                     q_row, b * seqlen_k, h, hk, n_tiles, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES)),
+        (_fwd_consume, (q_smem.index(0), k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                        o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size,
+                        seqlen_q, seqlen_k, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, 0, PINGPONG)),
+        (_fwd_consume, (q_smem.index(1), k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                        o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size,
+                        seqlen_q, seqlen_k, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, 1, PINGPONG)),
+        (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
+                     v_empty, total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, HEAD_DIM, HEAD_DIM_V,
+                     BLOCK_N, STAGES, CAUSAL)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -253,9 +302,9 @@ def gluon_fwd_eligible(q, k, v, out, lse, *, varlen, causal, window, softcap, si
 
 
 # (head dim, causal) -> the shortest S_k from which the Gluon forward is the default: where it measured faster
-# than the Hopper (Triton) and portable forwards (same run as _CONFIGS; TFLOP/s Gluon / Triton WS / portable):
-#   D=64  non-causal 1k 364/303/366, 4k 433/410/412; causal 1k 235/142/273, 4k 332/276/367, 16k 437/397/402
-#   D=128 causal 1k 270/176/251; D=256 causal 1k 272/268/286, 4k 585/517/433.
+# than the Hopper (Triton) and portable forwards (TFLOP/s Gluon / Triton WS / portable, the runs of _CONFIGS):
+#   D=64  non-causal 1k 407/303/368, 4k 446/410/413; causal 1k 251/142/273, 4k 332/276/367, 16k 430/397/405
+#   D=128 causal 1k 253/176/251; D=256 causal 1k 253/268/286, 4k 530/517/433.
 _DEFAULT_MIN_SK = {(64, False): 0, (64, True): 16384, (128, False): 0, (128, True): 0, (256, False): 0,
                    (256, True): 2048}
 
@@ -279,12 +328,16 @@ def attn_fwd_gluon(q, k, v, out, lse, *, qk_scale, causal, cfg=None):
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k, dv = k.shape[1], k.shape[2], v.shape[-1]
     cfg = cfg or _CONFIGS[(d, causal)]
-    half = BLOCK_M // 2
-    tiles = seqlen_q // BLOCK_M
-    grid = (batch * nheads, tiles) if causal else (tiles, batch * nheads)
+    tiles = seqlen_q // BLOCK_M * batch * nheads
+    grid = (min(tiles, _num_sms(q.device)) if cfg.persistent else tiles,)
     _attn_fwd_gluon_kernel[grid](
-        _desc(q, half), _desc(k, cfg.block_n), _desc(v, cfg.block_n), _desc(out, half), lse,
-        lse.stride(0), lse.stride(1), nheads, seqlen_q, seqlen_k, nheads // nheads_k, qk_scale,
+        _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), out, lse, out.stride(1),
+        lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, nheads // nheads_k, qk_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
         PINGPONG=cfg.pingpong, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
