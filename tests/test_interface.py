@@ -5,6 +5,7 @@ import torch
 from attn_check import check_against_ref
 
 from triflash import attention_ref, flash_attn_func, flash_attn_varlen_func
+from triflash.interface import _attn_fwd_impl as _FWD_IMPL
 
 
 def _qkv(device, b=1, sq=37, sk=53, h=4, hk=2, d=32, dv=32, dtype=torch.float16, grad=False, seed=0):
@@ -69,6 +70,29 @@ def test_deterministic_backward(device):
         grads.append(torch.autograd.grad(out, (q, k, v), do))
     for g in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(g, grads[0]))
+
+
+def test_eager_path_matches_op(device, monkeypatch):
+    """Eager calls on plain tensors skip torch.library's dispatch (``interface._eager``); tensor subclasses
+    (here parameters) and compiled graphs go through the ``triflash::attn_fwd`` op. Both run the same kernels:
+    outputs, LSE and gradients (with a sink and an LSE gradient) match bitwise."""
+    from triflash import interface
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 40, 4, 32, generator=gen).to(device, torch.float16) for _ in range(3))
+    sink = torch.randn(4, generator=gen).to(device)
+    dout, dlse = torch.randn(2, 40, 4, 32).to(device, torch.float16), torch.randn(2, 4, 40).to(device)
+    calls = []
+    monkeypatch.setattr(interface, "_attn_fwd_impl", lambda *a: calls.append(1) or _FWD_IMPL(*a))
+    results = []
+    for wrap in (lambda t: t.detach().clone().requires_grad_(True), torch.nn.Parameter):
+        leaves = [wrap(t) for t in (q, k, v, sink)]
+        out, lse = flash_attn_func(*leaves[:3], causal=True, learnable_sink=leaves[3], return_lse=True)
+        grads = torch.autograd.grad((out, lse), leaves, (dout, dlse))
+        results.append((out, lse, *grads))
+    assert len(calls) == 1  # the eager call only: the op holds its own reference to the implementation
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_forward_only_large_dv(device):

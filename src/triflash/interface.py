@@ -79,8 +79,7 @@ def _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, sequse
              num_splits=num_splits, pack_gqa=pack_gqa)
 
 
-@torch.library.custom_op("triflash::attn_fwd", mutates_args=())
-def _attn_fwd_op(
+def _attn_fwd_impl(
     q: Tensor, k: Tensor, v: Tensor,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
@@ -96,13 +95,15 @@ def _attn_fwd_op(
     return out, lse
 
 
+_attn_fwd_op = torch.library.custom_op("triflash::attn_fwd", _attn_fwd_impl, mutates_args=())
+
+
 @_attn_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, *args):
     return _new_outputs(q, v, cu_seqlens_q)
 
 
-@torch.library.custom_op("triflash::attn_fwd_out", mutates_args=("out",))
-def _attn_fwd_out_op(
+def _attn_fwd_out_impl(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
@@ -116,6 +117,9 @@ def _attn_fwd_out_op(
                 leftpad_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, sink,
                 num_splits, pack_gqa)
     return lse
+
+
+_attn_fwd_out_op = torch.library.custom_op("triflash::attn_fwd_out", _attn_fwd_out_impl, mutates_args=("out",))
 
 
 @_attn_fwd_out_op.register_fake
@@ -132,8 +136,7 @@ def _new_grads(q, k, v, cu_seqlens_q, cu_seqlens_k, sink):
     return dq, dk, dv, dsink
 
 
-@torch.library.custom_op("triflash::attn_bwd", mutates_args=())
-def _attn_bwd_op(
+def _attn_bwd_impl(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
@@ -150,6 +153,9 @@ def _attn_bwd_op(
     if ds is not None:
         dsink.copy_(ds)
     return dq, dk, dv, dsink
+
+
+_attn_bwd_op = torch.library.custom_op("triflash::attn_bwd", _attn_bwd_impl, mutates_args=())
 
 
 @_attn_bwd_op.register_fake
@@ -185,13 +191,37 @@ def _backward(ctx, dout, dlse):
         dout = dout.contiguous()
     if dlse is not None and not dlse.is_contiguous():
         dlse = dlse.contiguous()
-    dq, dk, dv, dsink = torch.ops.triflash.attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, used_q,
-                                                    used_k, *ctx.args, sink, ctx.deterministic)
+    bwd = _attn_bwd_impl if _eager(dout, dlse, q, k, v, out) else torch.ops.triflash.attn_bwd
+    dq, dk, dv, dsink = bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, used_q, used_k, *ctx.args, sink,
+                            ctx.deterministic)
     grads = [dq, dk, dv] + [None] * 13 + [dsink.to(sink.dtype) if ctx.has_sink else None, None, None]
     return tuple(grads + [None] * ctx.n_extra)
 
 
 torch.library.register_autograd("triflash::attn_fwd", _backward, setup_context=_setup_context)
+
+
+def _eager(*tensors):
+    """True when a call may skip torch.library's dispatch: not compiling, plain tensors (no fake or functional
+    tensor, parameter or other subclass). The dispatch costs ~0.2 ms of host time per call (H100 host, torch
+    2.11, scripts/host_overhead.py), which short calls wait on."""
+    return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+class _AttnFn(torch.autograd.Function):
+    """The ``triflash::attn_fwd`` op's forward and backward for eager calls (``_eager``), without the dispatch."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _attn_fwd_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse)
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, page_table,
@@ -341,11 +371,16 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     splits, pack = _plan(q, k.shape[-2], v.shape[-1], batch, max_q, max_k, right, num_splits, pack_gqa, needs_grad)
     args = (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, None, None, max_q, max_k, scale, left,
             right, softcap, learnable_sink, splits, pack)
+    eager = _eager(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, learnable_sink)
     if out is not None and not needs_grad:
-        lse = torch.ops.triflash.attn_fwd_out(q, k, v, out, *args)
+        lse = (_attn_fwd_out_impl if eager else torch.ops.triflash.attn_fwd_out)(q, k, v, out, *args)
         result = out
     else:
-        result, lse = torch.ops.triflash.attn_fwd(q, k, v, *args, bool(deterministic))
+        if eager:
+            fwd = _AttnFn.apply if needs_grad else _attn_fwd_impl
+        else:
+            fwd = torch.ops.triflash.attn_fwd
+        result, lse = fwd(q, k, v, *args, bool(deterministic))
         if out is not None:
             out.copy_(result)
             result = out

@@ -21,6 +21,7 @@ Gluon does not run under the interpreter: the CPU tests compile it for sm_90 (``
 the GPU tests run it.
 """
 
+import functools
 import os
 
 import torch
@@ -322,11 +323,16 @@ def gluon_shapes_ok(q, k, v, dk, dv, do, lse, *, varlen, causal, window) -> bool
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(rows, d, dtype):
+    """The NVMMA shared layout of a ``[rows, d]`` block (cached: building it costs host time on every call)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, d], _GL_DTYPES[dtype])
+
+
 def _desc(x, rows):
     """A TMA descriptor over the ``(B * S, H * D)`` view of a packed ``(B, S, H, D)`` tensor."""
     b, s, h, d = x.shape
-    layout = gl.NVMMASharedLayout.get_default_for([rows, d], _GL_DTYPES[x.dtype])
-    return TensorDescriptor(x, [b * s, h * d], [x.stride(1), 1], [rows, d], layout)
+    return TensorDescriptor(x, [b * s, h * d], [x.stride(1), 1], [rows, d], _smem_layout(rows, d, x.dtype))
 
 
 def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax_scale, causal):

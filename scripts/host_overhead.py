@@ -1,0 +1,52 @@
+"""Host time per call of the forward through the public API against the kernel launcher alone (GPU; diagnosis).
+
+For a few short cells of the FlashAttention benchmark convention (bf16, 16k tokens, H = 2048 / D): the median of
+``triton.testing.do_bench`` for ``flash_attn_func`` (no grad) and for the Gluon launcher called directly, and the
+host's own time per call (a loop of calls without synchronizing, so the CPU time of one call shows when it
+exceeds the kernel's).
+
+    python scripts/host_overhead.py
+"""
+
+import functools
+import math
+import time
+
+import torch
+import triton
+
+from triflash import flash_attn_func
+from triflash.kernels import fwd_gluon
+
+
+def host_us(fn, n=200):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def main():
+    cells = ((64, False, 512), (128, False, 512), (128, True, 1024), (256, False, 1024), (128, False, 16384))
+    for d, causal, s in cells:
+        b, h = 16384 // s, 2048 // d
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
+        flops = 4 * b * h * s * s * d / (2 if causal else 1)
+        api = functools.partial(flash_attn_func, q, k, v, causal=causal)
+        direct = functools.partial(fwd_gluon.attn_fwd_gluon, q, k, v, out, lse,
+                                   qk_scale=math.log2(math.e) / math.sqrt(d), causal=causal)
+        row = dict(d=d, causal=causal, s=s)
+        with torch.no_grad():
+            for name, fn in (("api", api), ("direct", direct)):
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                row[name] = f"{flops / ms / 1e9:.0f} TFLOP/s {ms * 1e3:.0f} us, host {host_us(fn):.0f} us"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
