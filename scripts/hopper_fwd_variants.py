@@ -93,8 +93,8 @@ def run_cell(d, causal, s, variants, dev="cuda"):
     for name in variants:
         if name.startswith("gluon"):
             cfg = _gluon_cfg(name, d, causal)
-            provs[name] = functools.partial(fwd_gluon.attn_fwd_gluon, q, k, v, out, lse,
-                                            qk_scale=scale * math.log2(math.e), causal=causal, cfg=cfg)
+            provs[name] = functools.partial(fwd_gluon.attn_fwd_gluon, q, k, v, out, lse, softmax_scale=scale,
+                                            causal=causal, cfg=cfg)
             continue
         if name in D256_CONFIGS and d != 256 or (name in ("ws-nolpt", "ws-inloop", "ws-2k") and not causal):
             continue

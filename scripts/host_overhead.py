@@ -38,8 +38,8 @@ def main():
         out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
         flops = 4 * b * h * s * s * d / (2 if causal else 1)
         api = functools.partial(flash_attn_func, q, k, v, causal=causal)
-        direct = functools.partial(fwd_gluon.attn_fwd_gluon, q, k, v, out, lse,
-                                   qk_scale=math.log2(math.e) / math.sqrt(d), causal=causal)
+        direct = functools.partial(fwd_gluon.attn_fwd_gluon, q, k, v, out, lse, softmax_scale=1 / math.sqrt(d),
+                                   causal=causal)
         row = dict(d=d, causal=causal, s=s)
         with torch.no_grad():
             for name, fn in (("api", api), ("direct", direct)):

@@ -80,45 +80,49 @@ def gluon_fwd_cases(dtype):
     return errs
 
 
-def main():
-    if os.environ.get("SANITIZE_ONLY") == "gluon_fwd":  # the Gluon forward's cases alone (a shorter sanitizer run)
-        errs = [e for dtype in (torch.float16, torch.bfloat16) for e in gluon_fwd_cases(dtype)]
-        print(f"{sum(e < 0.05 for e in errs)}/{len(errs)} sanitizer cases passed (max err {max(errs):.2e})")
-        raise SystemExit(0 if all(e < 0.05 for e in errs) else 1)
+def all_cases(dtype):
+    """Every path's cases in one dtype: their max errors against the reference."""
     errs = []
-    for dtype in (torch.float16, torch.bfloat16) if DEV == "cuda" else (torch.float16,):
-        errs.append(dense(dtype, 200, 300, 4, 2, 64, 64, causal=True))
-        errs.append(dense(dtype, 129, 77, 6, 1, 96, 96, window_size=(20, 5), softcap=5.0))
-        sink = torch.randn(4, device=DEV, requires_grad=True)
-        errs.append(dense(dtype, 65, 130, 4, 4, 128, 128, learnable_sink=sink))
+    errs.append(dense(dtype, 200, 300, 4, 2, 64, 64, causal=True))
+    errs.append(dense(dtype, 129, 77, 6, 1, 96, 96, window_size=(20, 5), softcap=5.0))
+    sink = torch.randn(4, device=DEV, requires_grad=True)
+    errs.append(dense(dtype, 65, 130, 4, 4, 128, 128, learnable_sink=sink))
+    errs.append(dense(dtype, 70, 70, 2, 2, 256, 256, causal=True))
+    errs.append(dense(dtype, 1, 513, 8, 2, 128, 64))
+    errs.append(varlen(dtype, 64))
+    errs.append(dense(dtype, 300, 300, 4, 2, 128, 128, causal=True))
+    # The Hopper forward on sm_90 (TRIFLASH_HOPPER=1: at these lengths the default picks the portable
+    # kernel): non-causal, causal through the diagonal kernel (D=128) and masked in-loop (D=256).
+    os.environ["TRIFLASH_HOPPER"] = "1"
+    os.environ["TRIFLASH_GLUON_FWD"] = "0"
+    errs.append(dense(dtype, 256, 384, 4, 2, 128, 128, causal=True))
+    errs.append(dense(dtype, 128, 256, 2, 1, 256, 256, causal=True))
+    errs.append(dense(dtype, 128, 256, 2, 2, 64, 64))
+    del os.environ["TRIFLASH_HOPPER"]
+    errs.extend(gluon_fwd_cases(dtype))
+    # The Hopper dK/dV kernel (sm_90; the two cases above take it too): GQA with softcap.
+    errs.append(dense(dtype, 128, 256, 4, 2, 128, 128, softcap=3.0))
+    # The Gluon backward (sm_90, deterministic=False; TRIFLASH_GLUON_BWD=1: at these lengths the default
+    # picks the Hopper dK/dV kernel): causal GQA with S_q < S_k at D=128, non-causal D=64.
+    os.environ["TRIFLASH_GLUON_BWD"] = "1"
+    errs.append(dense(dtype, 320, 640, 4, 2, 128, 128, causal=True))
+    errs.append(dense(dtype, 128, 256, 2, 2, 64, 64))
+    del os.environ["TRIFLASH_GLUON_BWD"]
+    with use_configs(bwd_atomic=True):  # the atomic-dQ backward (TMA reduce-add on sm_90), forced
+        errs.append(dense(dtype, 200, 300, 4, 2, 128, 128, causal=True, learnable_sink=sink))
         errs.append(dense(dtype, 70, 70, 2, 2, 256, 256, causal=True))
-        errs.append(dense(dtype, 1, 513, 8, 2, 128, 64))
         errs.append(varlen(dtype, 64))
-        errs.append(dense(dtype, 300, 300, 4, 2, 128, 128, causal=True))
-        # The Hopper forward on sm_90 (TRIFLASH_HOPPER=1: at these lengths the default picks the portable
-        # kernel): non-causal, causal through the diagonal kernel (D=128) and masked in-loop (D=256).
-        os.environ["TRIFLASH_HOPPER"] = "1"
-        os.environ["TRIFLASH_GLUON_FWD"] = "0"
-        errs.append(dense(dtype, 256, 384, 4, 2, 128, 128, causal=True))
-        errs.append(dense(dtype, 128, 256, 2, 1, 256, 256, causal=True))
-        errs.append(dense(dtype, 128, 256, 2, 2, 64, 64))
-        del os.environ["TRIFLASH_HOPPER"]
-        errs.extend(gluon_fwd_cases(dtype))
-        # The Hopper dK/dV kernel (sm_90; the two cases above take it too): GQA with softcap.
-        errs.append(dense(dtype, 128, 256, 4, 2, 128, 128, softcap=3.0))
-        # The Gluon backward (sm_90, deterministic=False; TRIFLASH_GLUON_BWD=1: at these lengths the default
-        # picks the Hopper dK/dV kernel): causal GQA with S_q < S_k at D=128, non-causal D=64.
-        os.environ["TRIFLASH_GLUON_BWD"] = "1"
-        errs.append(dense(dtype, 320, 640, 4, 2, 128, 128, causal=True))
-        errs.append(dense(dtype, 128, 256, 2, 2, 64, 64))
-        del os.environ["TRIFLASH_GLUON_BWD"]
-        with use_configs(bwd_atomic=True):  # the atomic-dQ backward (TMA reduce-add on sm_90), forced
-            errs.append(dense(dtype, 200, 300, 4, 2, 128, 128, causal=True, learnable_sink=sink))
-            errs.append(dense(dtype, 70, 70, 2, 2, 256, 256, causal=True))
-            errs.append(varlen(dtype, 64))
-        for page_size, splits in ((1, 1), (16, 3), (64, 0)):
-            errs.append(paged(dtype, page_size, splits))
-        errs.append(kvcache_append(dtype))
+    for page_size, splits in ((1, 1), (16, 3), (64, 0)):
+        errs.append(paged(dtype, page_size, splits))
+    errs.append(kvcache_append(dtype))
+    return errs
+
+
+def main():
+    """Every case per dtype; ``SANITIZE_ONLY=gluon_fwd``: the Gluon forward's cases alone (a shorter run)."""
+    cases = gluon_fwd_cases if os.environ.get("SANITIZE_ONLY") == "gluon_fwd" else all_cases
+    dtypes = (torch.float16, torch.bfloat16) if DEV == "cuda" else (torch.float16,)
+    errs = [e for dtype in dtypes for e in cases(dtype)]
     if DEV == "cuda":
         torch.cuda.synchronize()
     bad = [e for e in errs if not e < 0.05]

@@ -24,6 +24,16 @@ from triflash.configs import _BWD_ATOMIC_TABLE, _BWD_HOPPER_TABLE, _FWD_HOPPER_T
 from triflash.kernels import bwd, bwd_gluon, bwd_hopper, fwd_gluon, fwd_hopper
 
 
+def reports(mode=""):
+    """This script's JSON reports for ``mode`` (as on its command line), from a fresh interpreter without
+    TRITON_INTERPRET (the tests' own process may interpret); fails with the script's stderr if it does."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, __file__, *([mode] if mode else [])], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
 def _tool(name):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 

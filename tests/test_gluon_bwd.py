@@ -1,14 +1,10 @@
 """The Gluon backward (kernels/bwd_gluon.py): compiled for sm_90 on the CPU, run on a GPU (Gluon does not run
 under the interpreter)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from attn_check import check_against_ref
+from sm90_compile import reports as sm90_reports
 from test_hopper import _inputs
 
 from triflash import flash_attn_func
@@ -61,11 +57,7 @@ def test_compile_sm90_gluon_bwd():
     """Build the Gluon backward for sm_90 on the CPU: wgmma, TMA loads, register split between the producer
     and compute warps (setmaxnreg), dQ added by TMA reduce-add, shared memory
     within an H100's 227 KiB, no spills."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
-    res = subprocess.run([sys.executable, script, "bwd_gluon"], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    reports = json.loads(res.stdout)
+    reports = sm90_reports("bwd_gluon")
     assert len(reports) == 4
     for r in reports:
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r

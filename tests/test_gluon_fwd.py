@@ -2,14 +2,11 @@
 under the interpreter)."""
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from attn_check import check_against_ref
+from sm90_compile import reports as sm90_reports
 from test_hopper import _inputs
 
 from triflash import flash_attn_func
@@ -66,11 +63,7 @@ def test_compile_sm90_gluon_fwd():
     """Build the Gluon forward for sm_90 on the CPU: wgmma, TMA loads and stores, register split between the
     producer and the consumer warpgroups (setmaxnreg), shared memory within an H100's 227 KiB, no spills in the
     loops (one per consumer warpgroup)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
-    res = subprocess.run([sys.executable, script, "fwd_gluon"], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    reports = json.loads(res.stdout)
+    reports = sm90_reports("fwd_gluon")
     assert len(reports) == 6
     for r in reports:
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
@@ -92,7 +85,7 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
         flipped = {key: dataclasses.replace(cfg, persistent=True, pingpong=not cfg.pingpong)
                    for key, cfg in fwd_gluon._CONFIGS.items()}
         monkeypatch.setattr(fwd_gluon, "_CONFIGS", flipped)
-        monkeypatch.setattr(fwd_gluon, "_num_sms", lambda device: 3)
+        monkeypatch.setattr(fwd_gluon, "sm_count", lambda device: 3)
     spec = dict(CASES[case])
     shape = spec.pop("shape")
     q, k, v = _inputs(shape, dtype, device)

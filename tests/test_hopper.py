@@ -1,14 +1,11 @@
 """The Hopper forward (kernels/fwd_hopper.py): interpreted on CPU, compiled for sm_90, run on a GPU."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from attn_check import check_against_ref
+from sm90_compile import reports as sm90_reports
 from tolerance import assert_close
 
 from triflash import attention_ref, flash_attn_func
@@ -72,11 +69,7 @@ def test_hopper_path_off_when_interpreting():
 def test_compile_sm90():
     """Build each Hopper table config for sm_90 on the CPU (no GPU needed): wgmma, TMA and warp
     specialization (setmaxnreg) present and nothing spills."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
-    res = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    reports = json.loads(res.stdout)
+    reports = sm90_reports()
     assert len(reports) == 2 * len(_FWD_HOPPER_TABLE)
     for r in reports:
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
@@ -88,11 +81,7 @@ def test_compile_sm90_backward():
     """Build the atomic-dQ backward's sm90 rows for sm_90 on the CPU: wgmma and the TMA reduce-add present,
     shared memory within an H100's 227 KiB. (These builds spill outside their loops, and the D=128 causal and
     D=256 rows inside them too: docs/performance.md; the test pins what holds.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
-    res = subprocess.run([sys.executable, script, "bwd"], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    reports = json.loads(res.stdout)
+    reports = sm90_reports("bwd")
     assert len(reports) == 2 * len(_BWD_ATOMIC_TABLE[90])
     for r in reports:
         assert r["wgmma"] and r["tma_reduce"], r

@@ -1,14 +1,11 @@
 """The Hopper dK/dV kernel (kernels/bwd_hopper.py): interpreted on CPU, compiled for sm_90, run on a GPU."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from attn_check import check_against_ref
+from sm90_compile import reports as sm90_reports
 from test_hopper import _inputs
 from tolerance import assert_close
 
@@ -101,11 +98,7 @@ def test_compile_sm90_dkdv():
     specialization (setmaxnreg) present, shared memory within an H100's 227 KiB, no spills in the
     non-causal rows. (The D=128 causal row spills 24 bytes, two local accesses in its loop: measured
     faster than the spill-free build with LSE by TMA, 595 vs 572 TFLOP/s per GEMM; configs.py.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
-    res = subprocess.run([sys.executable, script, "bwd_hopper"], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    reports = json.loads(res.stdout)
+    reports = sm90_reports("bwd_hopper")
     assert len(reports) == 2 * len(_BWD_HOPPER_TABLE)
     for r in reports:
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import checks
 from .configs import pick_attn_fwd_config, pick_num_splits
 from .kernels.bwd import attn_bwd
-from .kernels.fwd import attn_fwd, fwd_softmax_args
+from .kernels.fwd import attn_fwd, mask_kind
 from .kernels.fwd_gluon import attn_fwd_gluon, gluon_fwd_eligible
 from .kernels.fwd_hopper import attn_fwd_hopper, hopper_fwd_eligible
 
@@ -47,12 +47,10 @@ def _new_outputs(q, v, cu_seqlens_q):
 def _run_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
              softmax_scale, window_left, window_right, softcap, sink):
     """The Gluon or Hopper forward where they apply (sm_90, dense, packed heads), else the portable kernel."""
-    causal = window_right == 0 and window_left is None
+    causal, window = mask_kind(window_left, window_right)
     varlen = any(x is not None for x in (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k))
-    window = not causal and (window_left is not None or window_right is not None)
     if gluon_fwd_eligible(q, k, v, out, lse, varlen=varlen, causal=causal, window=window, softcap=softcap, sink=sink):
-        q, qk_scale, _ = fwd_softmax_args(q, softmax_scale, softcap)
-        attn_fwd_gluon(q, k, v, out, lse, qk_scale=qk_scale, causal=causal)
+        attn_fwd_gluon(q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal)
         return
     if hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
                            window_left=window_left, window_right=window_right):
@@ -203,8 +201,9 @@ torch.library.register_autograd("triflash::attn_fwd", _backward, setup_context=_
 
 def _eager(*tensors):
     """True when a call may skip torch.library's dispatch: not compiling, plain tensors (no fake or functional
-    tensor, parameter or other subclass). The dispatch costs ~0.2 ms of host time per call (H100 host, torch
-    2.11, scripts/host_overhead.py), which short calls wait on."""
+    tensor, parameter or other subclass). Skipping the dispatch saved ~0.1-0.15 ms of host time per call (H100
+    host, torch 2.11, scripts/host_overhead.py: 342-396 -> 138-185 us per call together with the Gluon
+    launcher's cached layouts, which took that launcher from ~135 to 48-81 us), which short calls waited on."""
     return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
 
 

@@ -25,7 +25,7 @@ import triton.language as tl
 from ..configs import atomic_dq_forced, interpreting, pick_attn_bwd_config, use_atomic_dq
 from .bwd_gluon import attn_bwd_gluon, gluon_bwd_eligible
 from .bwd_hopper import attn_bwd_hopper_dkdv, hopper_bwd_eligible
-from .fwd import _pow2, _strides3, input_precision, softmax_args, window_args
+from .fwd import _pow2, _strides3, input_precision, mask_kind, softmax_args, window_args
 from .fwd_hopper import ensure_scratch_allocator
 from .launch import launch
 from .masking import _block_range, _load_tile, _score_mask, _seq_info
@@ -360,9 +360,8 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
         return dsink
     # The Hopper dK/dV kernel (warp-specialized) with this file's dQ kernel where it runs: faster than the
     # atomic-dQ kernel too (H100, 2026-11-24, D=128 causal 16k 399 vs 360 TFLOP/s, D=64 326 vs 317).
-    causal = window_left is None and window_right == 0
+    causal, window = mask_kind(window_left, window_right)
     varlen = varlen_q or varlen_k or seqused_q is not None or seqused_k is not None
-    window = not causal and (window_left is not None or window_right is not None)
     # deterministic=False on sm_90: the Gluon kernel (five GEMMs, dQ by atomics) where it runs.
     gluon = hopper is not False and not atomic_dq_forced() and gluon_bwd_eligible(
         q, k, v, dk, dv, do, lse, varlen=varlen, causal=causal, window=window, softcap=softcap, sink=sink,

@@ -220,6 +220,12 @@ def window_args(window_left, window_right):
     return (window_left or 0, window_right or 0, window_left is not None, window_right is not None)
 
 
+def mask_kind(window_left, window_right):
+    """``(causal, window)`` of a canonical window: the causal mask alone (``(None, 0)``), or another window."""
+    causal = window_left is None and window_right == 0
+    return causal, not causal and (window_left is not None or window_right is not None)
+
+
 def input_precision(dtype):
     """fp32 inputs are computed in fp32 (tests); fp16/bf16 use the tensor cores natively."""
     return "ieee" if dtype == torch.float32 else "tf32"

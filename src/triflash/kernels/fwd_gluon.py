@@ -20,7 +20,6 @@ fp16/bf16, ``S_q`` a multiple of 128, ``S_k`` of the key tile, no softcap, sink 
 under the interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``), the GPU tests run it.
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from ..configs import sm_count
 from .bwd_gluon import _desc, gluon_switch
+from .fwd import fwd_softmax_args
 from .fwd_hopper import _tma_ok
 
 BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
@@ -284,7 +285,7 @@ def _attn_fwd_gluon_kernel(
 
 
 def gluon_fwd_config(d, causal=False):
-    """The tile config the launcher uses at head dim ``d``."""
+    """The tile config the launcher uses at head dim ``d``, causal or not."""
     return _CONFIGS[(d, causal)]
 
 
@@ -322,14 +323,15 @@ def gluon_fwd_shapes_ok(q, k, v, out, lse, *, causal) -> bool:
     return lse.stride(-1) == 1 and all(_tma_ok(x) for x in (q, k, v, out))
 
 
-def attn_fwd_gluon(q, k, v, out, lse, *, qk_scale, causal, cfg=None):
-    """Launches the Gluon forward (``gluon_fwd_eligible``): writes ``out`` and ``lse`` (natural log).
-    ``qk_scale`` is ``softmax_scale * log2(e)`` (positive); ``cfg`` forces a tile config."""
+def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
+    """Launches the Gluon forward (``gluon_fwd_eligible``): writes ``out`` and ``lse`` (natural log). ``cfg``
+    forces a tile config."""
+    q, qk_scale, _ = fwd_softmax_args(q, softmax_scale, 0.0)
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k, dv = k.shape[1], k.shape[2], v.shape[-1]
     cfg = cfg or _CONFIGS[(d, causal)]
     tiles = seqlen_q // BLOCK_M * batch * nheads
-    grid = (min(tiles, _num_sms(q.device)) if cfg.persistent else tiles,)
+    grid = (min(tiles, sm_count(q.device)) if cfg.persistent else tiles,)
     _attn_fwd_gluon_kernel[grid](
         _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), out, lse, out.stride(1),
         lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, nheads // nheads_k, qk_scale,
@@ -337,7 +339,3 @@ def attn_fwd_gluon(q, k, v, out, lse, *, qk_scale, causal, cfg=None):
         PINGPONG=cfg.pingpong, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )
 
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count

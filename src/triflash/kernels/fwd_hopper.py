@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..configs import interpreting, pick_attn_fwd_hopper_config
+from .fwd import fwd_softmax_args, mask_kind
 from .masking import _score_mask
 from .softmax import _online_softmax, _scores_unscaled, _softmax_finish
 
@@ -188,10 +189,8 @@ def hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seq
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    causal = window_left is None and window_right == 0
-    if any(x is not None for x in (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k)):
-        return False
-    if not causal and (window_left is not None or window_right is not None):
+    causal, window = mask_kind(window_left, window_right)
+    if window or any(x is not None for x in (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k)):
         return False
     d, dv = q.shape[-1], v.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128, 256) or dv != d:
@@ -243,9 +242,6 @@ def attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, softcap, sink, causal=F
     query tiles longest first (the last tile index first, over every head and sequence), the order that
     shortens a causal launch's tail. ``impl`` (default ``causal_mode(D)``) forces how the diagonal is done.
     """
-
-    from .fwd import fwd_softmax_args
-
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k, dv = k.shape[1], k.shape[2], v.shape[-1]
     cfg = pick_attn_fwd_hopper_config(d, dv, causal)
