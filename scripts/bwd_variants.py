@@ -13,6 +13,9 @@ per provider and writes JSONL.
     python scripts/bwd_variants.py [--out rows.jsonl] [--d 64,128,256] [--seqlens 1024,4096,16384]
         [--configs 64x128x8x2,64x64x4x2] [--det-configs ...] [--configs-256 ...] [--det-configs-256 ...]
         [--dq-configs ...] [--hopper-configs DKDV/DQ,...] [--profile] [--providers gluon,hopper]
+
+``--providers gluon-early0,gluon-l0,hopper-l0,...``: the Gluon kernel forced at every length, or the Hopper
+dK/dV kernel, with module knobs set (``_knobs``).
 """
 
 import contextlib
@@ -24,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from triflash import flash_attn_func
 from triflash.configs import AttnBwdConfig, use_configs
+from triflash.kernels import bwd_gluon, bwd_hopper
 
 
 def _grad_fn(fwd, q, k, v, do):
@@ -61,8 +65,34 @@ def _env(name, value):
             os.environ[name] = saved
 
 
+@contextlib.contextmanager
+def _knobs(name):
+    """A provider with module knobs set as ``name`` says. ``gluon-...``: the Gluon backward forced on at every
+    length, ``-early0`` / ``-early1`` (the tile's dQ GEMM after / before dK), ``-lN`` (L2 sections of N MiB,
+    0: none); ``hopper-lN``: the deterministic Hopper dK/dV kernel's L2 sections."""
+    module = bwd_gluon if name.startswith("gluon") else bwd_hopper
+    knobs = {}
+    for part in name.split("-")[1:]:
+        if part.startswith("early"):
+            knobs["DQ_EARLY"] = part == "early1"
+        elif part.startswith("l"):
+            knobs["L2_MB"] = int(part[1:])
+    saved = {k: getattr(module, k) for k in knobs}
+    for k, val in knobs.items():
+        setattr(module, k, val)
+    try:
+        with _env("TRIFLASH_GLUON_BWD", "1" if module is bwd_gluon else os.environ.get("TRIFLASH_GLUON_BWD", "auto")):
+            yield
+    finally:
+        for k, val in saved.items():
+            setattr(module, k, val)
+
+
 def _forced(cfg, dq_cfg, hopper):
-    """Configs forced for one provider: the Hopper dK/dV kernel's (hopper=True) or the portable ones'."""
+    """Configs forced for one provider: the Hopper dK/dV kernel's (hopper=True), the Gluon kernel's schedule
+    (hopper="gluon-..." or "hopper-l...", ``_knobs``) or the portable ones'."""
+    if isinstance(hopper, str):
+        return _knobs(hopper)
     if hopper:
         return use_configs(bwd_hopper=cfg, bwd_dq=dq_cfg)
     stack = contextlib.ExitStack()
@@ -99,6 +129,11 @@ def run_cell(d, causal, s, configs, det_configs=(), dq_configs=(), profile=False
     provs = {"cudnn": (_cudnn(causal), (None, None, True)), "gluon": _triflash(causal, False, hopper=True),
              "hopper": _triflash(causal, True, hopper=True),
              "det": _triflash(causal, True), "atomic": _triflash(causal, False)}
+    for name in providers or ():
+        if name.startswith("gluon-"):
+            provs[name] = _triflash(causal, False, hopper=name)
+        elif name.startswith("hopper-l"):
+            provs[name] = _triflash(causal, True, hopper=name)
     for text in hopper_configs:  # "DKDV/DQ"
         parts = [_cfg(t) for t in text.split("/")]
         provs[f"hopper-{text}"] = _triflash(causal, True, parts[0], parts[1] if len(parts) > 1 else None, True)

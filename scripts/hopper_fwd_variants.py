@@ -56,8 +56,8 @@ def _hopper(q, k, v, out, lse, scale, causal, kw, cfg, diag=None):
 
 def _gluon_cfg(name, d, causal):
     """``gluon``, ``gluon-n64``, ``gluon-s3``, ``gluon-n64-s3-pp-ps``: the Gluon forward with its table config or
-    the key tile (``n``), stages (``s``), ping-pong on (``pp``) or off (``nopp``), persistent (``ps``) or not
-    (``nops``) given."""
+    the key tile (``n``), stages (``s``), causal L2 section in MB (``l``, 0: none), ping-pong on (``pp``) or off
+    (``nopp``), persistent (``ps``) or not (``nops``) given."""
     cfg = fwd_gluon.gluon_fwd_config(d, causal)
     for part in name.split("-")[1:]:
         if part in ("pp", "nopp"):
@@ -66,6 +66,8 @@ def _gluon_cfg(name, d, causal):
             cfg = dataclasses.replace(cfg, persistent=part == "ps")
         elif part.startswith("n"):
             cfg = dataclasses.replace(cfg, block_n=int(part[1:]))
+        elif part.startswith("l"):
+            cfg = dataclasses.replace(cfg, l2_mb=int(part[1:]))
         elif part.startswith("s"):
             cfg = dataclasses.replace(cfg, stages=int(part[1:]))
     return cfg

@@ -80,6 +80,20 @@ def gluon_fwd_cases(dtype):
     return errs
 
 
+def gluon_bwd_cases(dtype):
+    """The Gluon backward (sm_90, deterministic=False; TRIFLASH_GLUON_BWD=1: at these lengths the default may
+    pick the Hopper dK/dV kernel): causal GQA with S_q < S_k at D=128, non-causal D=64."""
+    os.environ["TRIFLASH_GLUON_BWD"] = "1"
+    errs = [dense(dtype, 320, 640, 4, 2, 128, 128, causal=True), dense(dtype, 128, 256, 2, 2, 64, 64)]
+    del os.environ["TRIFLASH_GLUON_BWD"]
+    return errs
+
+
+def gluon_cases(dtype):
+    """The Gluon kernels' cases, forward and backward."""
+    return gluon_fwd_cases(dtype) + gluon_bwd_cases(dtype)
+
+
 def all_cases(dtype):
     """Every path's cases in one dtype: their max errors against the reference."""
     errs = []
@@ -102,12 +116,7 @@ def all_cases(dtype):
     errs.extend(gluon_fwd_cases(dtype))
     # The Hopper dK/dV kernel (sm_90; the two cases above take it too): GQA with softcap.
     errs.append(dense(dtype, 128, 256, 4, 2, 128, 128, softcap=3.0))
-    # The Gluon backward (sm_90, deterministic=False; TRIFLASH_GLUON_BWD=1: at these lengths the default
-    # picks the Hopper dK/dV kernel): causal GQA with S_q < S_k at D=128, non-causal D=64.
-    os.environ["TRIFLASH_GLUON_BWD"] = "1"
-    errs.append(dense(dtype, 320, 640, 4, 2, 128, 128, causal=True))
-    errs.append(dense(dtype, 128, 256, 2, 2, 64, 64))
-    del os.environ["TRIFLASH_GLUON_BWD"]
+    errs.extend(gluon_bwd_cases(dtype))
     with use_configs(bwd_atomic=True):  # the atomic-dQ backward (TMA reduce-add on sm_90), forced
         errs.append(dense(dtype, 200, 300, 4, 2, 128, 128, causal=True, learnable_sink=sink))
         errs.append(dense(dtype, 70, 70, 2, 2, 256, 256, causal=True))
@@ -119,8 +128,9 @@ def all_cases(dtype):
 
 
 def main():
-    """Every case per dtype; ``SANITIZE_ONLY=gluon_fwd``: the Gluon forward's cases alone (a shorter run)."""
-    cases = gluon_fwd_cases if os.environ.get("SANITIZE_ONLY") == "gluon_fwd" else all_cases
+    """Every case per dtype; ``SANITIZE_ONLY=gluon_fwd`` / ``gluon``: the Gluon forward's cases alone / both
+    Gluon kernels' (shorter runs)."""
+    cases = {"gluon_fwd": gluon_fwd_cases, "gluon": gluon_cases}.get(os.environ.get("SANITIZE_ONLY", ""), all_cases)
     dtypes = (torch.float16, torch.bfloat16) if DEV == "cuda" else (torch.float16,)
     errs = [e for dtype in dtypes for e in cases(dtype)]
     if DEV == "cuda":

@@ -156,7 +156,7 @@ def compile_bwd_gluon(head_dim, causal):
     blocks), K, V (128)."""
     kernel = bwd_gluon._attn_bwd_gluon_kernel
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=bwd_gluon.BLOCK_M, BLOCK_N=bwd_gluon.BLOCK_N,
-                  STAGES=bwd_gluon.STAGES, CAUSAL=causal, NUM_WARPS=bwd_gluon.NUM_WARPS,
+                  STAGES=bwd_gluon.STAGES, CAUSAL=causal, DQ_EARLY=bwd_gluon.DQ_EARLY, NUM_WARPS=bwd_gluon.NUM_WARPS,
                   WORKER_REGS=bwd_gluon.WORKER_REGS)
 
     m, n = bwd_gluon.BLOCK_M, bwd_gluon.BLOCK_N

@@ -77,7 +77,8 @@ def test_compile_sm90_gluon_fwd():
 def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
     """TRIFLASH_GLUON_FWD=1 takes the Gluon forward on sm_90: output and LSE (and the backward from them)
     against the reference through the public API, outputs poisoned. ``persistent``: three programs walk all
-    the work items (several each, of different lengths under causal), ping-pong flipped from the table's."""
+    the work items (several each, of different lengths under causal), ping-pong flipped from the table's,
+    causal items longest first within L2 sections of at most two heads (causal-d64: two, then one)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
@@ -86,6 +87,7 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
                    for key, cfg in fwd_gluon._CONFIGS.items()}
         monkeypatch.setattr(fwd_gluon, "_CONFIGS", flipped)
         monkeypatch.setattr(fwd_gluon, "sm_count", lambda device: 3)
+        monkeypatch.setattr(fwd_gluon, "l2_section", lambda head_bytes, n_heads, l2_mb: min(2, n_heads))
     spec = dict(CASES[case])
     shape = spec.pop("shape")
     q, k, v = _inputs(shape, dtype, device)

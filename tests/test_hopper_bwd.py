@@ -46,10 +46,11 @@ def _grads(q, k, v, sink, spec, do, hopper):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; the GPU runs the real kernels")
 @pytest.mark.parametrize("case", list(CASES))
-def test_hopper_bwd_interpreted(case):
+def test_hopper_bwd_interpreted(case, monkeypatch):
     """The Hopper dK/dV kernel's math through the interpreter (descriptors emulated, loop not specialized),
     with bwd.py's dQ kernel, against the fp64 reference's gradients (SPEC §6, outputs poisoned) and the
-    portable kernels."""
+    portable kernels. Its programs go in L2 sections of at most three kv heads (mha-d64: three, then one)."""
+    monkeypatch.setattr(bwd_hopper, "l2_section", lambda head_bytes, n_heads, l2_mb: min(3, n_heads))
     spec = dict(CASES[case])
     spec.pop("shape")
     shape = spec.pop("cpu_shape")
@@ -112,9 +113,13 @@ def test_compile_sm90_dkdv():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_hopper_bwd_gpu(case, dtype, device):
+def test_hopper_bwd_gpu(case, dtype, device, monkeypatch):
     """On sm_90 these shapes take the Hopper backward: gradients against the reference (through the public
-    API, outputs poisoned by check_against_ref's fresh tensors) and against the portable kernels."""
+    API, outputs poisoned by check_against_ref's fresh tensors) and against the portable kernels. bfloat16:
+    the programs in L2 sections of at most three kv heads (the last one shorter where the heads do not
+    divide)."""
+    if dtype == torch.bfloat16:
+        monkeypatch.setattr(bwd_hopper, "l2_section", lambda head_bytes, n_heads, l2_mb: min(3, n_heads))
     spec = dict(CASES[case])
     spec.pop("cpu_shape")
     shape = spec.pop("shape")
@@ -136,3 +141,13 @@ def test_hopper_bwd_gpu(case, dtype, device):
             assert (a.float() - b.float()).abs().max() < 3e-2, name
         again = _grads(q, k, v, sink, spec, do, hopper=None)
         assert all(torch.equal(a, b) for a, b in zip(mine[:3], again[:3])), "not bitwise reproducible"
+
+
+def test_l2_section():
+    """How many heads an L2 section holds: as many as fit, at least one, at most all; 0 MiB: all in one."""
+    from triflash.kernels.launch import l2_section
+
+    assert l2_section(1 << 20, 10, 4) == 4
+    assert l2_section(5 << 20, 10, 4) == 1
+    assert l2_section(1 << 10, 10, 4) == 10
+    assert l2_section(1 << 20, 10, 0) == 10

@@ -8,15 +8,17 @@ contraction over keys across its consumer warpgroups, ``bwd_hopper.py``). One pr
 - a producer warp loads K and V once, then each tile's Q and dO by TMA into a ring of ``STAGES`` buffers
   (``ready``/``empty`` mbarriers);
 - the compute partition (two warpgroups, 64 keys each) recomputes S^T = K Q^T and dP^T = V dO^T (wgmma,
-  issued together), P^T = exp2(S^T * scale - LSE), dS^T = P^T (dP^T - delta), then dV += P^T dO and
-  dK += dS^T Q from registers, stores dS^T to shared memory (double-buffered: one CTA barrier per tile
-  orders both warpgroups' stores before either reads) and computes the tile's dQ share = dS K, each
-  warpgroup half of the head dim over all 128 keys, into one of two fp32 buffers (``dq_full``/``dq_empty``);
+  issued together), P^T = exp2(S^T * scale - LSE), dS^T = P^T (dP^T - delta), then dV += P^T dO from
+  registers, stores dS^T to shared memory (double-buffered: one CTA barrier per tile orders both
+  warpgroups' stores before either reads), issues the tile's dQ share = dS K (each warpgroup half of the
+  head dim over all 128 keys) and dK += dS^T Q, and puts the dQ share into one of two fp32 buffers
+  (``dq_full``/``dq_empty``) while dK is on the tensor cores (``DQ_EARLY``; masked tiles: dK before dQ);
 - a dQ-writer warp adds each buffer into the fp32 accumulator with one TMA reduce-add.
 
 dQ's order of addition varies from run to run, so this path serves ``deterministic=False`` only
 (``bwd.attn_bwd``); dense batches of packed heads, D = Dv in {64, 128}, fp16/bf16, whole tiles, no
-softcap, sink or window but the causal one; by default D = 128 from S_k = 8k (``gluon_bwd_eligible``).
+softcap, sink or window but the causal one; by default D = 128 (causal from S_k = 2k) and causal D = 64 from
+2k (``gluon_bwd_eligible``). Programs go in L2 sections of heads (``_attn_bwd_gluon_kernel``).
 Gluon does not run under the interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``),
 the GPU tests run it.
 """
@@ -40,11 +42,18 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..configs import interpreting
 from .fwd_hopper import _tma_ok
+from .launch import l2_section
 
 BLOCK_M = 64
 BLOCK_N = 128
 NUM_WARPS = 8  # the compute partition: two warpgroups
 STAGES = 2
+# The L2 budget (MiB) of a section of kv heads (_attn_bwd_gluon_kernel; 0: one section) and the order of a
+# tile's last GEMMs (_bwd_tile): module knobs for scripts/bwd_variants.py, measured at _DEFAULT_MIN_SK. The dQ
+# GEMM before dK (its share stored while dK runs) against after, H100, whole backward TFLOP/s: D=128 16k
+# 479 -> 493 non-causal, 468 -> 487 causal; D=64 16k 317 -> 331, 310 -> 335; 1k and 4k within 1-2%.
+L2_MB = 8
+DQ_EARLY = True
 WORKER_REGS = 24  # the TMA producer's and dQ writer's register budgets (setmaxnreg); the compute warps get the rest
 
 
@@ -110,7 +119,8 @@ def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_sme
 @gluon.jit
 def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty, dq_full, dq_empty,
               lse_ptr, delta_ptr, l_base, start, first_row, qk_scale, zero_s, zero_dq,
-              PA_LAYOUT: gl.constexpr, DSA_LAYOUT: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
+              PA_LAYOUT: gl.constexpr, DSA_LAYOUT: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
+              DQ_EARLY: gl.constexpr):
     """One query tile (rows [start, start + BLOCK_M) of one head): dK, dV += its share; its dQ share goes to
     the writer through buffer it % 2. ``MASKED``: causal, key r of the block sees tile row c iff
     r <= c + first_row."""
@@ -134,20 +144,36 @@ def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, rea
     dpt = warpgroup_mma_wait(0, deps=[dpt])
     dv = warpgroup_mma(gl.convert_layout(pt.to(k_smem.dtype), PA_LAYOUT), do_t, dv, is_async=True)
     ds16 = (pt * (dpt - delta[None, :])).to(k_smem.dtype)
-    dk = warpgroup_mma(gl.convert_layout(ds16, DSA_LAYOUT), q_t, dk, is_async=True)
-    # Two dS buffers: a warpgroup may store the next tile's half while the other still reads this one.
-    ds_buf = ds_smem.index(it % 2)
-    ds_buf.store(ds16)
-    fence_async_shared()
-    gl.thread_barrier()  # both warpgroups' halves of dS^T are in shared memory
-    dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
-    dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
-    mbarrier.arrive(empty.index(s))
     b = it % 2
-    mbarrier.wait(dq_empty.index(b), ((it // 2) & 1) ^ 1)
-    dq_smem.index(b).store(dq)
-    fence_async_shared()
-    mbarrier.arrive(dq_full.index(b))
+    if DQ_EARLY and not MASKED:
+        # dQ before dK, so that the dQ share's store to shared memory runs while dK is on the tensor cores.
+        ds_buf = ds_smem.index(b)
+        ds_buf.store(ds16)
+        fence_async_shared()
+        gl.thread_barrier()  # both warpgroups' halves of dS^T are in shared memory
+        dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds16, DSA_LAYOUT), q_t, dk, is_async=True)
+        dv, dq = warpgroup_mma_wait(1, deps=[dv, dq])
+        mbarrier.wait(dq_empty.index(b), ((it // 2) & 1) ^ 1)
+        dq_smem.index(b).store(dq)
+        fence_async_shared()
+        mbarrier.arrive(dq_full.index(b))
+        dk = warpgroup_mma_wait(0, deps=[dk])
+        mbarrier.arrive(empty.index(s))
+    else:
+        dk = warpgroup_mma(gl.convert_layout(ds16, DSA_LAYOUT), q_t, dk, is_async=True)
+        # Two dS buffers: a warpgroup may store the next tile's half while the other still reads this one.
+        ds_buf = ds_smem.index(b)
+        ds_buf.store(ds16)
+        fence_async_shared()
+        gl.thread_barrier()  # both warpgroups' halves of dS^T are in shared memory
+        dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
+        mbarrier.arrive(empty.index(s))
+        mbarrier.wait(dq_empty.index(b), ((it // 2) & 1) ^ 1)
+        dq_smem.index(b).store(dq)
+        fence_async_shared()
+        mbarrier.arrive(dq_full.index(b))
     return dk, dv
 
 
@@ -156,7 +182,7 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, read
                  lse_ptr, delta_ptr, dk_ptr, dv_ptr, stride_dks, stride_dvs, stride_lb, stride_lh,
                  b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
                  HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+                 STAGES: gl.constexpr, DQ_EARLY: gl.constexpr, NUM_WARPS: gl.constexpr):
     """The two compute warpgroups: five GEMMs per tile, dK/dV in registers, dQ shares handed to the writer.
     Per query head, the tiles that straddle the causal diagonal (masked) come first, then the rest."""
     dtype: gl.constexpr = k_smem.dtype
@@ -187,7 +213,8 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, read
         h = hk * group_size + g
         dk, dv = _bwd_tile(j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty, dq_full,
                            dq_empty, lse_ptr, delta_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, start,
-                           start + off - n_start, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, True)
+                           start + off - n_start, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, True,
+                           DQ_EARLY)
     n_free = tiles - n_masked
     first = group_size * n_masked
     for j in range(group_size * n_free):
@@ -196,7 +223,8 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, read
         h = hk * group_size + g
         dk, dv = _bwd_tile(first + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty,
                            dq_full, dq_empty, lse_ptr, delta_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh,
-                           start, 0, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, False)
+                           start, 0, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, False,
+                           DQ_EARLY)
 
     k_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dk_layout)).to(gl.int64)
     d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dk_layout))
@@ -210,16 +238,25 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, read
 def _attn_bwd_gluon_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_dks, stride_dvs, stride_lb, stride_lh,
-    nheads_k, seqlen_q, seqlen_k, group_size, qk_scale, softmax_scale,
+    batch, nheads_k, seqlen_q, seqlen_k, group_size, section, qk_scale, softmax_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr, WORKER_REGS: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, NUM_WARPS: gl.constexpr,
+    WORKER_REGS: gl.constexpr,
 ):
     """dK, dV of one key block of one kv head and its share of dQ (added into the fp32 accumulator behind
-    ``dq_desc``, unscaled). Grid ``(B * H_k, key blocks)``: every head's first key block (under causal the
-    one that sees the most rows) is launched before any head's second."""
-    pid_n = gl.program_id(1)
-    hk = gl.program_id(0) % nheads_k
-    b = gl.program_id(0) // nheads_k
+    ``dq_desc``, unscaled). One program per (kv head, key block), in sections of ``section`` kv heads whose
+    Q, dO and dQ fit in L2 together: within a section every head's first key block (under causal the one that
+    sees the most rows) is launched before any head's second, so the section's programs read the same Q and
+    dO tiles and add into the same dQ rows at about the same time."""
+    n_blocks = seqlen_k // BLOCK_N
+    per = section * n_blocks
+    sec = gl.program_id(0) // per
+    r = gl.program_id(0) - sec * per
+    n_in = gl.minimum(section, batch * nheads_k - sec * section)
+    pid_n = r // n_in
+    bhk = sec * section + r % n_in
+    hk = bhk % nheads_k
+    b = bhk // nheads_k
     n_start = pid_n * BLOCK_N
     lo = 0
     if CAUSAL:  # the first query tile with a row that sees key n_start
@@ -258,7 +295,7 @@ def _attn_bwd_gluon_kernel(
         (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, ready, empty, dq_full, dq_empty,
                         lse_ptr, delta_ptr, dk_ptr, dv_ptr, stride_dks, stride_dvs, stride_lb, stride_lh,
                         b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, NUM_WARPS)),
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, DQ_EARLY, NUM_WARPS)),
         (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, kv_bar,
                        ready, empty, dq_full, dq_empty, q_row0, k_row, hk, lo, tiles, n_masked, group_size, HEAD_DIM,
                        HEAD_DIM_V, BLOCK_M, STAGES, True)),
@@ -273,12 +310,14 @@ def gluon_bwd_eligible(q, k, v, dk, dv, do, lse, *, varlen, causal, window, soft
 
     It runs with ``deterministic=False`` (its dQ reduce-adds land in a varying order) on sm_90, without
     softcap or sink, for the shapes ``gluon_shapes_ok`` takes. ``TRIFLASH_GLUON_BWD``: unset (auto) where it
-    measured faster than the deterministic Hopper backward (``_DEFAULT_MIN_SK``: by head dim, from ``S_k``),
+    measured faster than the deterministic Hopper backward (``_DEFAULT_MIN_SK``: by head dim and causal, from
+    ``S_k``),
     ``1`` wherever it can run, ``0`` never.
     """
     if deterministic or softcap or sink is not None:
         return False
-    if not gluon_switch("TRIFLASH_GLUON_BWD", q, k.shape[1], _DEFAULT_MIN_SK.get(q.shape[-1], float("inf"))):
+    min_sk = _DEFAULT_MIN_SK.get((q.shape[-1], causal), float("inf"))
+    if not gluon_switch("TRIFLASH_GLUON_BWD", q, k.shape[1], min_sk):
         return False
     return gluon_shapes_ok(q, k, v, dk, dv, do, lse, varlen=varlen, causal=causal, window=window)
 
@@ -294,16 +333,19 @@ def gluon_switch(env, q, seqlen_k, min_seqlen_k) -> bool:
     return mode == "1" or seqlen_k >= min_seqlen_k
 
 
-# head dim -> the shortest S_k from which the Gluon backward is the default (deterministic=False). H100,
-# 2026-11-24, scripts/bwd_variants.py, whole backward TFLOP/s, Gluon / deterministic Hopper path / cuDNN
-# (FlashAttention convention, 16k tokens, bf16):
-#   D=128 non-causal 1k 208/316/417, 4k 390/402/513, 16k 482/422/558; causal 1k 155/179/286,
-#         4k 341/345/447, 16k 481/404/517.
-#   D=64  non-causal 1k 191/256/338, 4k 232/319/441, 16k 298/345/461; causal 16k 296/336/441: never.
-# Short sequences lose to one resident program per SM (229 KB of shared memory) paying its K/V load,
-# prologue and epilogue per key block; D=64 to the softmax work per tile, the same as D=128's for half the
-# GEMM work. The kernel without its dQ reduce ran D=128 16k at 560 (non-causal) and 560 (causal).
-_DEFAULT_MIN_SK = {128: 8192}
+# (head dim, causal) -> the shortest S_k from which the Gluon backward is the default (deterministic=False).
+# H100, 2026-11-24, scripts/bwd_variants.py, whole backward TFLOP/s (FlashAttention convention, 16k tokens,
+# bf16), cuDNN in the same run. With L2 sections (L2_MB = 8; 16 at 4k/16k, where both give one section per
+# 1-4 heads), Gluon / deterministic Hopper path (its own sections, 32 MiB) / cuDNN:
+#   D=128 non-causal 1k 333/319/418, 2k 418/365/468, 4k 455/410/515, 16k 499/436/548;
+#         causal 1k 223/235/286, 2k 321/307/381, 4k 409/356/435, 16k 516/433/526.
+#   D=64  non-causal 1k 259/252/348, 2k 309/299/395, 4k 320/328/428, 16k 348/345/464 (even: the deterministic
+#         one stays); causal 1k 181/185/232, 2k 253/244/315, 4k 301/293/378, 16k 363/340/445.
+# Before the sections (programs of one head far apart, so each read its Q and dO from memory when the heads'
+# together exceed L2) the Gluon kernel ran D=128 non-causal 1k 209, 4k 394, 16k 488; causal 154 / 341 / 482;
+# D=64 191 / 230 / 319, causal 145 / 220 / 333: the default was D=128 from 8k only. The kernel without its dQ
+# reduce ran D=128 16k at 560 (non-causal) and 560 (causal), before the sections.
+_DEFAULT_MIN_SK = {(128, False): 0, (128, True): 2048, (64, True): 2048}
 
 
 def gluon_shapes_ok(q, k, v, dk, dv, do, lse, *, varlen, causal, window) -> bool:
@@ -341,10 +383,14 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
     assert dq_acc.is_contiguous() and dq_acc.dtype == torch.float32
-    _attn_bwd_gluon_kernel[(batch * nheads_k, seqlen_k // BLOCK_N)](
+    # Sections of kv heads whose Q and dO (bf16) and dQ accumulator (fp32) fit in L2_MB together.
+    group = nheads // nheads_k
+    head_bytes = seqlen_q * group * (d * (q.element_size() + 4) + dv_dim * do.element_size())
+    section = l2_section(head_bytes, batch * nheads_k, L2_MB)
+    _attn_bwd_gluon_kernel[(batch * nheads_k * (seqlen_k // BLOCK_N),)](
         _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(do, BLOCK_M), _desc(dq_acc, BLOCK_M), lse,
         delta, dk, dv, dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
-        nheads_k, seqlen_q, seqlen_k, nheads // nheads_k, qk_scale, softmax_scale,
+        batch, nheads_k, seqlen_q, seqlen_k, group, section, qk_scale, softmax_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
-        NUM_WARPS=NUM_WARPS, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS,
+        DQ_EARLY=DQ_EARLY, NUM_WARPS=NUM_WARPS, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS,
     )

@@ -24,7 +24,14 @@ import triton.language as tl
 
 from ..configs import interpreting, pick_attn_bwd_hopper_config
 from .fwd_hopper import _tma_ok, ensure_scratch_allocator
+from .launch import l2_section
 from .softmax import _scores_unscaled
+
+# The L2 budget (MiB) of a section of kv heads (_attn_bwd_dkdv_ws_kernel); 0: one section. A knob for
+# scripts/bwd_variants.py. H100, 2026-11-24, whole deterministic backward TFLOP/s, 32 / 16 / 0 (no sections):
+# D=128 non-causal 1k 319/318/307, 2k 365/367/348, 4k 410/-/380, 16k 436/-/425; causal 1k 235/239/223,
+# 2k 307/307/290, 4k 356/-/340, 16k 433/-/399; D=64 within 2% of each other but causal 4k 293/-/275.
+L2_MB = 16
 
 
 @triton.jit
@@ -58,16 +65,21 @@ def _dkdv_tile(dk, dv, k, v, desc_q, desc_do, lse_src, delta_src, lse_row, q_row
 def _attn_bwd_dkdv_ws_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qs, stride_ks, stride_vs, stride_dos, stride_dks, stride_dvs, stride_lb, stride_lh,
-    batch, nheads, nheads_k, seqlen_q, seqlen_k, group_size, qk_scale, softcap_scale, softmax_scale,
+    batch, nheads, nheads_k, seqlen_q, seqlen_k, group_size, section, qk_scale, softcap_scale, softmax_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, LSE_TMA: tl.constexpr,
 ):
     """dK, dV of one key block (``BLOCK_N`` keys) of one kv head: whole tiles, no window but the causal one.
-    Grid ``(B * H_k, key tiles)``: every head's first key tile (under causal the one that sees the most
-    rows) is launched before any head's second."""
-    pid_n = tl.program_id(1)
-    hk = tl.program_id(0) % nheads_k
-    b = tl.program_id(0) // nheads_k
+    One program per (kv head, key tile), in sections of ``section`` kv heads whose Q and dO fit in L2
+    together: within a section every head's first key tile (under causal the one that sees the most rows)
+    is launched before any head's second."""
+    n_blocks = seqlen_k // BLOCK_N
+    sec = tl.program_id(0) // (section * n_blocks)
+    r = tl.program_id(0) - sec * (section * n_blocks)
+    n_in = tl.minimum(section, batch * nheads_k - sec * section)
+    pid_n = r // n_in
+    hk = (sec * section + r % n_in) % nheads_k
+    b = (sec * section + r % n_in) // nheads_k
     desc_q = tl.make_tensor_descriptor(q_ptr, shape=[batch * seqlen_q, nheads * HEAD_DIM], strides=[stride_qs, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])
     desc_do = tl.make_tensor_descriptor(do_ptr, shape=[batch * seqlen_q, nheads * HEAD_DIM_V],
@@ -170,9 +182,11 @@ def attn_bwd_hopper_dkdv(do, q, k, v, lse, delta, dk, dv, *, qk_scale, softcap_s
     seqlen_k, nheads_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
     ensure_scratch_allocator()
     cfg = pick_attn_bwd_hopper_config(d, dv_dim, causal)
-    _attn_bwd_dkdv_ws_kernel[(batch * nheads_k, seqlen_k // cfg.block_n)](
+    group = nheads // nheads_k
+    section = l2_section(seqlen_q * group * (d + dv_dim) * q.element_size(), batch * nheads_k, L2_MB)
+    _attn_bwd_dkdv_ws_kernel[(batch * nheads_k * (seqlen_k // cfg.block_n),)](
         q, k, v, do, lse, delta, dk, dv, q.stride(1), k.stride(1), v.stride(1), do.stride(1), dk.stride(1),
-        dv.stride(1), lse.stride(0), lse.stride(1), batch, nheads, nheads_k, seqlen_q, seqlen_k, nheads // nheads_k,
+        dv.stride(1), lse.stride(0), lse.stride(1), batch, nheads, nheads_k, seqlen_q, seqlen_k, group, section,
         qk_scale, softcap_scale, softmax_scale, HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, CAUSAL=causal, HAS_SOFTCAP=softcap > 0,
         WARP_SPECIALIZE=not interpreting() if warp_specialize is None else warp_specialize,

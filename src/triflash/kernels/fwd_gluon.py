@@ -1,7 +1,8 @@
 """Hopper (sm_90) forward in Gluon: FlashAttention-3's schedule with explicit warpgroups.
 
-A work item is ``BLOCK_M`` = 128 query rows of one head (``_tile``); a program takes one item, or, persistent,
-one program per SM walks every ``num_programs``-th item. Three partitions:
+A work item is ``BLOCK_M`` = 128 query rows of one head (``_tile``: causal, longest first within L2 sections
+of heads); a program takes one item, or, persistent, one program per SM walks every ``num_programs``-th item.
+Three partitions:
 
 - a producer warp loads the two 64-row halves of Q (once the consumers' last S GEMMs of the previous item
   have read theirs), then each key tile's K and V by TMA into a ring of ``STAGES`` buffers (``k_ready`` /
@@ -36,6 +37,7 @@ from ..configs import sm_count
 from .bwd_gluon import _desc, gluon_switch
 from .fwd import fwd_softmax_args
 from .fwd_hopper import _tma_ok
+from .launch import l2_section
 
 BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
 LOADER_REGS = 24  # the TMA producer's register budget (setmaxnreg)
@@ -48,6 +50,7 @@ class GluonFwdConfig:
     stages: int  # K/V ring depth
     pingpong: bool = False  # the consumer warpgroups take turns issuing their GEMMs (FlashAttention-3's schedule)
     persistent: bool = False  # one program per SM walking the work items (else one program per item)
+    l2_mb: int = 16  # causal: the heads taken longest first together hold this much K and V (0: every head)
 
 
 # (head dim, causal) -> tile config. Shared memory: Q 2 x 64 x D, K and V STAGES x BLOCK_N x D each (bf16).
@@ -68,6 +71,11 @@ class GluonFwdConfig:
 #         240/505/577 (438/555/604)
 # Non-causal: persistent, ping-pong off. Causal: one program per item (the hardware's dynamic order balances the
 # items' unequal lengths better than a static stride over them), ping-pong at D=128 only.
+# Causal, longest first within L2 sections of heads (l2_mb, _tile) against over all heads at once, same run
+# (cuDNN): D=128 1k 251 -> 306 (421), 2k 310 -> 427 (504), 4k 454 -> 498 (524), 16k 578 -> 656 (554); D=256
+# 252 -> 350 (439), 425 -> 463 (517), 516 -> 552 (563), 628 -> 646 (596); D=64 212 -> 218, 284 -> 302,
+# 321 -> 370, 430 -> 446 (32 MiB sections). 16 against 32 / 64 MiB, another run: D=128 1k 317 / 305 / 253,
+# 4k 541 / 541 / 486, 8k 574 / 564 / 522, 16k 613 / 618 / 572; D=64 1k-16k within 4%, 16 best or even.
 _CONFIGS = {
     (64, False): GluonFwdConfig(128, 3, persistent=True), (64, True): GluonFwdConfig(128, 3),
     (128, False): GluonFwdConfig(128, 2, persistent=True), (128, True): GluonFwdConfig(128, 2, pingpong=True),
@@ -76,14 +84,21 @@ _CONFIGS = {
 
 
 @gluon.jit
-def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-          CAUSAL: gl.constexpr):
+def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """Work item ``t``: ``(m_start, b, h, hk, n_tiles, n_free)``, its first query row, batch, head, kv head, key
     tiles to walk and how many of them are mask-free. Non-causal: the query tiles of one head in a row (they
-    share K and V in L2); causal: the last query tile of every head first (longest first)."""
+    share K and V in L2). Causal: longest first within sections of ``section`` heads (whose K and V fit in L2
+    together): the last query tile of each head of the section, then the one before, and so on. Longest first
+    over every head at once would stream each head's K and V from memory once per query tile when they all
+    exceed L2."""
     if CAUSAL:
-        pid_m = tiles_m - 1 - t // n_bh
-        bh = t % n_bh
+        per = section * tiles_m
+        sec = t // per
+        r = t - sec * per
+        n_in = gl.minimum(section, n_bh - sec * section)
+        pid_m = tiles_m - 1 - r // n_in
+        bh = sec * section + r % n_in
     else:
         pid_m = t % tiles_m
         bh = t // tiles_m
@@ -100,7 +115,7 @@ def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, BLOCK_M: gl.
 
 @gluon.jit
 def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-              total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, HEAD_DIM: gl.constexpr,
+              total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, HEAD_DIM: gl.constexpr,
               HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """The producer warp, per work item: both Q halves (once the consumers' last S GEMMs of the previous item
     have read theirs), then K and V of every key tile, ``STAGES`` tiles ahead, across work items."""
@@ -109,7 +124,7 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
     i = 0
     for t in range(gl.program_id(0), total, gl.num_programs(0)):
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   2 * HALF, BLOCK_N, CAUSAL)
+                                                   section, 2 * HALF, BLOCK_N, CAUSAL)
         q_row = b * seqlen_q + m_start
         k_row0 = b * seqlen_k
         # A fresh barrier counts its phase "before 0" as complete: the first pass does not wait.
@@ -144,7 +159,7 @@ def _masked_scores(x, j, first_row, BLOCK_N: gl.constexpr):
 @gluon.jit
 def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, o_ptr, lse_ptr,
                  stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                 qk_scale, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 section, qk_scale, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr):
     """One consumer warpgroup (``WG`` 0 or 1): per work item, its 64 query rows against every key tile, two
     GEMMs in flight per step. ``PINGPONG``: the warpgroups issue their GEMMs by turns (``turn``: warpgroup w
@@ -162,7 +177,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_emp
     i = 0  # work items done (Q's phase)
     for t in range(gl.program_id(0), total, gl.num_programs(0)):
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   2 * HALF, BLOCK_N, CAUSAL)
+                                                   section, 2 * HALF, BLOCK_N, CAUSAL)
         row0 = m_start + WG * HALF
         first_row = row0 + seqlen_k - seqlen_q
         mbarrier.wait(q_bar, i & 1)
@@ -237,7 +252,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_emp
 @gluon.jit
 def _attn_fwd_gluon_kernel(
     q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh,
-    batch, nheads, seqlen_q, seqlen_k, group_size, qk_scale,
+    batch, nheads, seqlen_q, seqlen_k, group_size, section, qk_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
@@ -274,13 +289,13 @@ def _attn_fwd_gluon_kernel(
     gl.warp_specialize([
         (_fwd_consume, (q_smem.index(0), k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
                         o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size,
-                        seqlen_q, seqlen_k, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, 0, PINGPONG)),
+                        seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, 0, PINGPONG)),
         (_fwd_consume, (q_smem.index(1), k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
                         o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size,
-                        seqlen_q, seqlen_k, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, 1, PINGPONG)),
+                        seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, 1, PINGPONG)),
         (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
-                     v_empty, total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, HEAD_DIM, HEAD_DIM_V,
-                     BLOCK_N, STAGES, CAUSAL)),
+                     v_empty, total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, HEAD_DIM,
+                     HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -304,10 +319,11 @@ def gluon_fwd_eligible(q, k, v, out, lse, *, varlen, causal, window, softcap, si
 
 # (head dim, causal) -> the shortest S_k from which the Gluon forward is the default: where it measured faster
 # than the Hopper (Triton) and portable forwards (TFLOP/s Gluon / Triton WS / portable, the runs of _CONFIGS):
-#   D=64  non-causal 1k 407/303/368, 4k 446/410/413; causal 1k 251/142/273, 4k 332/276/367, 16k 430/397/405
-#   D=128 causal 1k 253/176/251; D=256 causal 1k 253/268/286, 4k 530/517/433.
-_DEFAULT_MIN_SK = {(64, False): 0, (64, True): 16384, (128, False): 0, (128, True): 0, (256, False): 0,
-                   (256, True): 2048}
+#   D=64  non-causal 1k 407/303/368, 4k 446/410/413; causal (L2 sections) 1k 221/142/275, 2k 309/206/331,
+#         4k 377/270/379, 8k 435/-/394, 16k 454/405/402
+#   D=128 causal 1k 317/174/250; D=256 causal (L2 sections) 1k 373/263/283, 2k 505/420/361.
+_DEFAULT_MIN_SK = {(64, False): 0, (64, True): 8192, (128, False): 0, (128, True): 0, (256, False): 0,
+                   (256, True): 0}
 
 
 def gluon_fwd_shapes_ok(q, k, v, out, lse, *, causal) -> bool:
@@ -332,9 +348,13 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     cfg = cfg or _CONFIGS[(d, causal)]
     tiles = seqlen_q // BLOCK_M * batch * nheads
     grid = (min(tiles, sm_count(q.device)) if cfg.persistent else tiles,)
+    group = nheads // nheads_k
+    # Causal: heads per longest-first section, their K and V (shared by ``group`` query heads) in cfg.l2_mb.
+    kv_bytes = seqlen_k * (d + dv) * q.element_size()
+    section = l2_section(-(-kv_bytes // group), batch * nheads, cfg.l2_mb)
     _attn_fwd_gluon_kernel[grid](
         _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), out, lse, out.stride(1),
-        lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, nheads // nheads_k, qk_scale,
+        lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
         PINGPONG=cfg.pingpong, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )

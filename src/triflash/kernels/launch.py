@@ -42,3 +42,12 @@ def launch(kernel, grid, *args, num_warps: int, num_stages: int, **kwargs):
         warnings.warn(f"triflash: ptxas failed to build {key[0]} with num_stages={num_stages} "
                       f"({dict(key[3])}); using num_stages=1 for this build", RuntimeWarning, stacklevel=2)
     return kernel[grid](*args, num_warps=num_warps, num_stages=1, **kwargs)
+
+
+def l2_section(head_bytes: int, n_heads: int, l2_mb: int) -> int:
+    """How many heads a kernel's longest-first (or key-block-major) order takes together: as many as fit
+    ``head_bytes`` each (what one head's programs read again and again) in ``l2_mb`` MiB of L2, at least one;
+    ``l2_mb`` = 0: all of them (one section)."""
+    if not l2_mb:
+        return n_heads
+    return min(max(1, (l2_mb << 20) // max(head_bytes, 1)), n_heads)
