@@ -117,6 +117,35 @@ def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_sme
 
 
 @gluon.jit
+def _bwd_share_ds(ds16, ds_buf):
+    """Stores this warpgroup's half of dS^T to ``ds_buf``; returns once both warpgroups' halves are there."""
+    ds_buf.store(ds16)
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _bwd_put_dq(it, dq, dq_smem, dq_full, dq_empty):
+    """Hands tile ``it``'s dQ share to the writer through buffer it % 2 (once the writer has emptied it)."""
+    b = it % 2
+    mbarrier.wait(dq_empty.index(b), ((it // 2) & 1) ^ 1)
+    dq_smem.index(b).store(dq)
+    fence_async_shared()
+    mbarrier.arrive(dq_full.index(b))
+
+
+@gluon.jit
+def _sectioned(t, section, per_head, n_heads):
+    """``(i, head)`` of the ``t``-th program or work item of an order that walks heads in sections of ``section``
+    (``launch.l2_section``): within a section, item 0 of every head, then item 1 of every head, and so on; the
+    last section holds the heads left over."""
+    sec = t // (section * per_head)
+    r = t - sec * (section * per_head)
+    n_in = gl.minimum(section, n_heads - sec * section)
+    return r // n_in, sec * section + r % n_in
+
+
+@gluon.jit
 def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty, dq_full, dq_empty,
               lse_ptr, delta_ptr, l_base, start, first_row, qk_scale, zero_s, zero_dq,
               PA_LAYOUT: gl.constexpr, DSA_LAYOUT: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
@@ -145,35 +174,24 @@ def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, rea
     dv = warpgroup_mma(gl.convert_layout(pt.to(k_smem.dtype), PA_LAYOUT), do_t, dv, is_async=True)
     ds16 = (pt * (dpt - delta[None, :])).to(k_smem.dtype)
     b = it % 2
+    # Two dS buffers: a warpgroup may store the next tile's half while the other still reads this one.
+    ds_buf = ds_smem.index(b)
     if DQ_EARLY and not MASKED:
         # dQ before dK, so that the dQ share's store to shared memory runs while dK is on the tensor cores.
-        ds_buf = ds_smem.index(b)
-        ds_buf.store(ds16)
-        fence_async_shared()
-        gl.thread_barrier()  # both warpgroups' halves of dS^T are in shared memory
+        _bwd_share_ds(ds16, ds_buf)
         dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
         dk = warpgroup_mma(gl.convert_layout(ds16, DSA_LAYOUT), q_t, dk, is_async=True)
         dv, dq = warpgroup_mma_wait(1, deps=[dv, dq])
-        mbarrier.wait(dq_empty.index(b), ((it // 2) & 1) ^ 1)
-        dq_smem.index(b).store(dq)
-        fence_async_shared()
-        mbarrier.arrive(dq_full.index(b))
+        _bwd_put_dq(it, dq, dq_smem, dq_full, dq_empty)
         dk = warpgroup_mma_wait(0, deps=[dk])
         mbarrier.arrive(empty.index(s))
     else:
         dk = warpgroup_mma(gl.convert_layout(ds16, DSA_LAYOUT), q_t, dk, is_async=True)
-        # Two dS buffers: a warpgroup may store the next tile's half while the other still reads this one.
-        ds_buf = ds_smem.index(b)
-        ds_buf.store(ds16)
-        fence_async_shared()
-        gl.thread_barrier()  # both warpgroups' halves of dS^T are in shared memory
+        _bwd_share_ds(ds16, ds_buf)
         dq = warpgroup_mma(ds_buf.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
         dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
         mbarrier.arrive(empty.index(s))
-        mbarrier.wait(dq_empty.index(b), ((it // 2) & 1) ^ 1)
-        dq_smem.index(b).store(dq)
-        fence_async_shared()
-        mbarrier.arrive(dq_full.index(b))
+        _bwd_put_dq(it, dq, dq_smem, dq_full, dq_empty)
     return dk, dv
 
 
@@ -248,13 +266,7 @@ def _attn_bwd_gluon_kernel(
     Q, dO and dQ fit in L2 together: within a section every head's first key block (under causal the one that
     sees the most rows) is launched before any head's second, so the section's programs read the same Q and
     dO tiles and add into the same dQ rows at about the same time."""
-    n_blocks = seqlen_k // BLOCK_N
-    per = section * n_blocks
-    sec = gl.program_id(0) // per
-    r = gl.program_id(0) - sec * per
-    n_in = gl.minimum(section, batch * nheads_k - sec * section)
-    pid_n = r // n_in
-    bhk = sec * section + r % n_in
+    pid_n, bhk = _sectioned(gl.program_id(0), section, seqlen_k // BLOCK_N, batch * nheads_k)
     hk = bhk % nheads_k
     b = bhk // nheads_k
     n_start = pid_n * BLOCK_N
@@ -311,8 +323,7 @@ def gluon_bwd_eligible(q, k, v, dk, dv, do, lse, *, varlen, causal, window, soft
     It runs with ``deterministic=False`` (its dQ reduce-adds land in a varying order) on sm_90, without
     softcap or sink, for the shapes ``gluon_shapes_ok`` takes. ``TRIFLASH_GLUON_BWD``: unset (auto) where it
     measured faster than the deterministic Hopper backward (``_DEFAULT_MIN_SK``: by head dim and causal, from
-    ``S_k``),
-    ``1`` wherever it can run, ``0`` never.
+    ``S_k``), ``1`` wherever it can run, ``0`` never.
     """
     if deterministic or softcap or sink is not None:
         return False

@@ -73,13 +73,15 @@ def _attn_bwd_dkdv_ws_kernel(
     One program per (kv head, key tile), in sections of ``section`` kv heads whose Q and dO fit in L2
     together: within a section every head's first key tile (under causal the one that sees the most rows)
     is launched before any head's second."""
-    n_blocks = seqlen_k // BLOCK_N
-    sec = tl.program_id(0) // (section * n_blocks)
-    r = tl.program_id(0) - sec * (section * n_blocks)
+    # bwd_gluon._sectioned's order (Gluon functions cannot be called from Triton ones).
+    per = section * (seqlen_k // BLOCK_N)
+    sec = tl.program_id(0) // per
+    r = tl.program_id(0) - sec * per
     n_in = tl.minimum(section, batch * nheads_k - sec * section)
     pid_n = r // n_in
-    hk = (sec * section + r % n_in) % nheads_k
-    b = (sec * section + r % n_in) // nheads_k
+    bhk = sec * section + r % n_in
+    hk = bhk % nheads_k
+    b = bhk // nheads_k
     desc_q = tl.make_tensor_descriptor(q_ptr, shape=[batch * seqlen_q, nheads * HEAD_DIM], strides=[stride_qs, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])
     desc_do = tl.make_tensor_descriptor(do_ptr, shape=[batch * seqlen_q, nheads * HEAD_DIM_V],

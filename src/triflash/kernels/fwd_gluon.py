@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ..configs import sm_count
-from .bwd_gluon import _desc, gluon_switch
+from .bwd_gluon import _desc, _sectioned, gluon_switch
 from .fwd import fwd_softmax_args
 from .fwd_hopper import _tma_ok
 from .launch import l2_section
@@ -93,12 +93,8 @@ def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLO
     over every head at once would stream each head's K and V from memory once per query tile when they all
     exceed L2."""
     if CAUSAL:
-        per = section * tiles_m
-        sec = t // per
-        r = t - sec * per
-        n_in = gl.minimum(section, n_bh - sec * section)
-        pid_m = tiles_m - 1 - r // n_in
-        bh = sec * section + r % n_in
+        i, bh = _sectioned(t, section, tiles_m, n_bh)
+        pid_m = tiles_m - 1 - i
     else:
         pid_m = t % tiles_m
         bh = t // tiles_m
@@ -349,9 +345,9 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     tiles = seqlen_q // BLOCK_M * batch * nheads
     grid = (min(tiles, sm_count(q.device)) if cfg.persistent else tiles,)
     group = nheads // nheads_k
-    # Causal: heads per longest-first section, their K and V (shared by ``group`` query heads) in cfg.l2_mb.
-    kv_bytes = seqlen_k * (d + dv) * q.element_size()
-    section = l2_section(-(-kv_bytes // group), batch * nheads, cfg.l2_mb)
+    # Causal: query heads per longest-first section, their K and V (a kv head's shared by ``group`` of them) in
+    # cfg.l2_mb.
+    section = l2_section(seqlen_k * (d + dv) * q.element_size() // group, batch * nheads, cfg.l2_mb)
     _attn_fwd_gluon_kernel[grid](
         _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), out, lse, out.stride(1),
         lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale,
