@@ -82,9 +82,10 @@ def gluon_fwd_cases(dtype):
 
 def gluon_bwd_cases(dtype):
     """The Gluon backward (sm_90, deterministic=False; TRIFLASH_GLUON_BWD=1: at these lengths the default may
-    pick the Hopper dK/dV kernel): causal GQA with S_q < S_k at D=128, non-causal D=64."""
+    pick the Hopper dK/dV kernel): causal GQA with S_q < S_k at D=128 and D=256, non-causal D=64."""
     os.environ["TRIFLASH_GLUON_BWD"] = "1"
-    errs = [dense(dtype, 320, 640, 4, 2, 128, 128, causal=True), dense(dtype, 128, 256, 2, 2, 64, 64)]
+    errs = [dense(dtype, 320, 640, 4, 2, 128, 128, causal=True), dense(dtype, 128, 256, 2, 2, 64, 64),
+            dense(dtype, 192, 384, 4, 2, 256, 256, causal=True)]
     del os.environ["TRIFLASH_GLUON_BWD"]
     return errs
 

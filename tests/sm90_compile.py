@@ -153,17 +153,18 @@ def _signature(kernel, consts, **given):
 
 def compile_bwd_gluon(head_dim, causal):
     """The Gluon backward as launched for bf16: host TMA descriptors over Q, dO, the fp32 dQ accumulator (64-row
-    blocks), K, V (128)."""
+    blocks), K, V (128 rows; 64 at D=256)."""
     kernel = bwd_gluon._attn_bwd_gluon_kernel
-    consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=bwd_gluon.BLOCK_M, BLOCK_N=bwd_gluon.BLOCK_N,
-                  STAGES=bwd_gluon.STAGES, CAUSAL=causal, DQ_EARLY=bwd_gluon.DQ_EARLY, NUM_WARPS=bwd_gluon.NUM_WARPS,
+    n, stages = bwd_gluon.gluon_bwd_tiles(head_dim)
+    consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=bwd_gluon.BLOCK_M, BLOCK_N=n,
+                  STAGES=stages, CAUSAL=causal, DQ_EARLY=bwd_gluon.DQ_EARLY, NUM_WARPS=bwd_gluon.NUM_WARPS,
                   WORKER_REGS=bwd_gluon.WORKER_REGS)
 
-    m, n = bwd_gluon.BLOCK_M, bwd_gluon.BLOCK_N
+    m = bwd_gluon.BLOCK_M
     sig = _signature(kernel, consts, q_desc=_desc_type(m, head_dim), do_desc=_desc_type(m, head_dim),
                      k_desc=_desc_type(n, head_dim), v_desc=_desc_type(n, head_dim),
                      dq_desc=_desc_type(m, head_dim, gl.float32))  # dQ: the fp32 accumulator
-    cfg = AttnBwdConfig(bwd_gluon.BLOCK_M, bwd_gluon.BLOCK_N, bwd_gluon.NUM_WARPS, bwd_gluon.STAGES)
+    cfg = AttnBwdConfig(bwd_gluon.BLOCK_M, n, bwd_gluon.NUM_WARPS, stages)
     return _build_report(kernel, sig, consts, cfg, head_dim, causal, GluonASTSource)
 
 
@@ -191,7 +192,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["fwd_gluon"]:
         json.dump([compile_fwd_gluon(d, causal) for d in (64, 128, 256) for causal in (False, True)], sys.stdout)
     elif sys.argv[1:] == ["bwd_gluon"]:
-        json.dump([compile_bwd_gluon(d, causal) for d in (64, 128) for causal in (False, True)], sys.stdout)
+        json.dump([compile_bwd_gluon(d, causal) for d in (64, 128, 256) for causal in (False, True)], sys.stdout)
     elif sys.argv[1:] == ["bwd_hopper"]:
         json.dump([compile_bwd_hopper_config(bound, rows[causal], causal) for bound, rows in _BWD_HOPPER_TABLE
                    for causal in (False, True)], sys.stdout)

@@ -48,6 +48,9 @@ BLOCK_M = 64
 BLOCK_N = 128
 NUM_WARPS = 8  # the compute partition: two warpgroups
 STAGES = 2
+# D = 256: 64 keys a program, one Q/dO stage (K, V, Q, dO, P^T, dS^T and the fp32 dQ share: 208 KiB).
+WIDE_BLOCK_N = 64
+WIDE_STAGES = 1
 # The L2 budget (MiB) of a section of kv heads (_attn_bwd_gluon_kernel; 0: one section) and the order of a
 # tile's last GEMMs (_bwd_tile): module knobs for scripts/bwd_variants.py, measured at _DEFAULT_MIN_SK. The dQ
 # GEMM before dK (its share stored while dK runs) against after, H100, whole backward TFLOP/s: D=128 16k
@@ -80,11 +83,12 @@ def _bwd_load_tile(it, q_desc, do_desc, q_smem, do_smem, ready, empty, row, h,
 
 @gluon.jit
 def _bwd_write_tile(it, dq_desc, dq_smem, dq_full, dq_empty, row, h, HEAD_DIM: gl.constexpr):
-    """The dQ writer's share of one tile: the compute partition's dQ share in buffer it % 2, added to the
-    accumulator's rows [row, row + BLOCK_M) of head h by one TMA reduce-add; the buffer is handed back once
-    the reduce has read it."""
-    b = it % 2
-    mbarrier.wait(dq_full.index(b), (it // 2) & 1)
+    """The dQ writer's share of one tile: the compute partition's dQ share in buffer it % BUFS (two, or one at
+    D = 256), added to the accumulator's rows [row, row + BLOCK_M) of head h by one TMA reduce-add; the buffer
+    is handed back once the reduce has read it."""
+    BUFS: gl.constexpr = dq_smem.shape[0]
+    b = it % BUFS
+    mbarrier.wait(dq_full.index(b), (it // BUFS) & 1)
     _tma_reduce_add(dq_desc, [row, h * HEAD_DIM], dq_smem.index(b))
     tma.store_wait(pendings=0)
     mbarrier.arrive(dq_empty.index(b))
@@ -126,9 +130,10 @@ def _bwd_share_ds(ds16, ds_buf):
 
 @gluon.jit
 def _bwd_put_dq(it, dq, dq_smem, dq_full, dq_empty):
-    """Hands tile ``it``'s dQ share to the writer through buffer it % 2 (once the writer has emptied it)."""
-    b = it % 2
-    mbarrier.wait(dq_empty.index(b), ((it // 2) & 1) ^ 1)
+    """Hands tile ``it``'s dQ share to the writer through buffer it % BUFS (once the writer has emptied it)."""
+    BUFS: gl.constexpr = dq_smem.shape[0]
+    b = it % BUFS
+    mbarrier.wait(dq_empty.index(b), ((it // BUFS) & 1) ^ 1)
     dq_smem.index(b).store(dq)
     fence_async_shared()
     mbarrier.arrive(dq_full.index(b))
@@ -196,53 +201,122 @@ def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, rea
 
 
 @gluon.jit
-def _bwd_compute(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, ready, empty, dq_full, dq_empty,
+def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, ready, empty, dq_full,
+                   dq_empty, lse_ptr, delta_ptr, l_base, start, first_row, qk_scale, zero_s, zero_dq,
+                   STAGES: gl.constexpr, MASKED: gl.constexpr):
+    """``_bwd_tile`` at D = 256 (``BLOCK_N`` = 64 keys): the warpgroups split S^T and dP^T by query rows (32
+    each) and dK, dV, dQ by head dim (128 each), so P^T goes to shared memory as well as dS^T and every later
+    GEMM reads both operands there. dV and dK are waited for first, to hand the Q/dO stage back while dQ runs."""
+    BLOCK_N: gl.constexpr = zero_s.shape[0]
+    BLOCK_M: gl.constexpr = zero_s.shape[1]
+    s_layout: gl.constexpr = zero_s.type.layout
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    s = it % STAGES
+    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+    q_t = q_smem.index(s)  # [BLOCK_M, HEAD_DIM]
+    do_t = do_smem.index(s)  # [BLOCK_M, HEAD_DIM_V]
+    st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    lse = gl.load(lse_ptr + l_base + start + cols) * 1.4426950408889634
+    delta = gl.load(delta_ptr + l_base + start + cols)
+    st = warpgroup_mma_wait(1, deps=[st])  # [BLOCK_N, BLOCK_M]
+    pt = gl.exp2(st * qk_scale - lse[None, :])
+    if MASKED:
+        keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+        pt = gl.where(keys[:, None] <= (cols + first_row)[None, :], pt, 0.0)
+    pt_smem.store(pt.to(k_smem.dtype))
+    dpt = warpgroup_mma_wait(0, deps=[dpt])
+    _bwd_share_ds((pt * (dpt - delta[None, :])).to(k_smem.dtype), ds_smem)  # P^T too: one fence and barrier
+    dv = warpgroup_mma(pt_smem, do_t, dv, is_async=True)
+    dk = warpgroup_mma(ds_smem, q_t, dk, is_async=True)
+    # dQ = dS K in two column halves, one after the other (both at once spill: 64 more registers a thread).
+    HALF: gl.constexpr = zero_dq.shape[1]
+    ds_t = ds_smem.permute((1, 0))
+    dq = warpgroup_mma(ds_t, k_smem.slice(0, HALF, dim=1), zero_dq, use_acc=False, is_async=True)
+    dv, dk = warpgroup_mma_wait(1, deps=[dv, dk])
+    mbarrier.arrive(empty.index(s))
+    dq = warpgroup_mma_wait(0, deps=[dq])
+    dq_buf = dq_smem.index(0)
+    mbarrier.wait(dq_empty.index(0), (it & 1) ^ 1)
+    dq_buf.slice(0, HALF, dim=1).store(dq)
+    dq = warpgroup_mma(ds_t, k_smem.slice(HALF, HALF, dim=1), zero_dq, use_acc=False, is_async=True)
+    dq = warpgroup_mma_wait(0, deps=[dq])
+    dq_buf.slice(HALF, HALF, dim=1).store(dq)
+    fence_async_shared()
+    # Both warpgroups' GEMMs of this tile are done before either stores the next tile's P^T or dS^T.
+    gl.thread_barrier()
+    mbarrier.arrive(dq_full.index(0))
+    return dk, dv
+
+
+@gluon.jit
+def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, kv_bar, ready, empty, dq_full, dq_empty,
                  lse_ptr, delta_ptr, dk_ptr, dv_ptr, stride_dks, stride_dvs, stride_lb, stride_lh,
                  b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
                  HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, DQ_EARLY: gl.constexpr, NUM_WARPS: gl.constexpr):
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, NUM_WARPS: gl.constexpr):
     """The two compute warpgroups: five GEMMs per tile, dK/dV in registers, dQ shares handed to the writer.
     Per query head, the tiles that straddle the causal diagonal (masked) come first, then the rest."""
     dtype: gl.constexpr = k_smem.dtype
+    WIDE: gl.constexpr = BLOCK_N == 64  # D = 256 (_bwd_tile_wide)
     # Keys along M (64 per warpgroup) for S^T, dP^T, dK, dV; dQ splits its head dim between the warpgroups.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                        instr_shape=[16, HEAD_DIM, 16])
-    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                        instr_shape=[16, HEAD_DIM_V, 16])
+    # WIDE: 64 keys in all; S^T and dP^T split their query rows, dK and dV their head dims.
+    SPLIT: gl.constexpr = 2 if WIDE else 1
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS // SPLIT, SPLIT],
+                                                       instr_shape=[16, BLOCK_M // SPLIT, 16])
+    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS // SPLIT, SPLIT],
+                                                        instr_shape=[16, HEAD_DIM // SPLIT, 16])
+    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS // SPLIT, SPLIT],
+                                                        instr_shape=[16, HEAD_DIM_V // SPLIT, 16])
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, NUM_WARPS // 4],
-                                                        instr_shape=[16, HEAD_DIM // (NUM_WARPS // 4), 16])
+                                                        instr_shape=[16, HEAD_DIM // SPLIT // (NUM_WARPS // 4), 16])
     pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv_layout, k_width=2)
     dsa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk_layout, k_width=2)
 
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-    zero_dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
+    zero_dq = gl.zeros([BLOCK_M, HEAD_DIM // SPLIT], gl.float32, dq_layout)  # WIDE: one column half at a time
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, dk_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, dv_layout)
     b64 = b.to(gl.int64)
     off = seqlen_k - seqlen_q
     mbarrier.wait(kv_bar, 0)
-    # Two flat loops over (query head, tile): the masked tiles of every head, then the mask-free ones (the
-    # worker partitions walk the same order).
-    for j in range(group_size * n_masked):
-        g = j // n_masked
-        start = lo + (j - g * n_masked) * BLOCK_M
-        h = hk * group_size + g
-        dk, dv = _bwd_tile(j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty, dq_full,
-                           dq_empty, lse_ptr, delta_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, start,
-                           start + off - n_start, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, True,
-                           DQ_EARLY)
     n_free = tiles - n_masked
-    first = group_size * n_masked
-    for j in range(group_size * n_free):
-        g = j // n_free
-        start = lo + (n_masked + j - g * n_free) * BLOCK_M
-        h = hk * group_size + g
-        dk, dv = _bwd_tile(first + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty,
-                           dq_full, dq_empty, lse_ptr, delta_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh,
-                           start, 0, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, False,
-                           DQ_EARLY)
+    if WIDE:
+        # One loop in the workers' order; a mask-free tile of a causal call masks nothing (first_row =
+        # BLOCK_N). Two loops, as below, spill here: every GEMM's shared-memory address is loop-invariant
+        # with one stage, and the compiler keeps them all across both loops.
+        for j in range(group_size * tiles):
+            masked = j < group_size * n_masked
+            jj = j if masked else j - group_size * n_masked
+            per = n_masked if masked else n_free
+            g = jj // per
+            start = lo + ((jj - g * per) + (0 if masked else n_masked)) * BLOCK_M
+            h = hk * group_size + g
+            dk, dv = _bwd_tile_wide(j, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, ready,
+                                    empty, dq_full, dq_empty, lse_ptr, delta_ptr,
+                                    b64 * stride_lb + h.to(gl.int64) * stride_lh, start,
+                                    start + off - n_start if masked else BLOCK_N, qk_scale, zero_s, zero_dq, STAGES,
+                                    CAUSAL)
+    else:
+        # Two flat loops over (query head, tile): the masked tiles of every head, then the mask-free ones (the
+        # worker partitions walk the same order).
+        for j in range(group_size * n_masked):
+            g = j // n_masked
+            start = lo + (j - g * n_masked) * BLOCK_M
+            h = hk * group_size + g
+            dk, dv = _bwd_tile(j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty, dq_full,
+                               dq_empty, lse_ptr, delta_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, start,
+                               start + off - n_start, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, True,
+                               DQ_EARLY)
+        first = group_size * n_masked
+        for j in range(group_size * n_free):
+            g = j // n_free
+            start = lo + (n_masked + j - g * n_free) * BLOCK_M
+            h = hk * group_size + g
+            dk, dv = _bwd_tile(first + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty,
+                               dq_full, dq_empty, lse_ptr, delta_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh,
+                               start, 0, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, False,
+                               DQ_EARLY)
 
     k_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dk_layout)).to(gl.int64)
     d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dk_layout))
@@ -285,18 +359,26 @@ def _attn_bwd_gluon_kernel(
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM_V], v_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
-    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
-    dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM], dq_desc.layout)
+    # D <= 128: two dS^T and dQ buffers; D = 256 (BLOCK_N = 64): one each and one for P^T (_bwd_tile_wide).
+    WIDE: gl.constexpr = BLOCK_N == 64
+    BUFS: gl.constexpr = 1 if WIDE else 2
+    if WIDE:
+        pt_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
+    else:
+        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+        pt_smem = ds_smem  # unused
+    dq_smem = gl.allocate_shared_memory(gl.float32, [BUFS, BLOCK_M, HEAD_DIM], dq_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    for i in gl.static_range(2):
+    for i in gl.static_range(BUFS):
         mbarrier.init(dq_full.index(i), count=1)
         mbarrier.init(dq_empty.index(i), count=1)
 
@@ -304,10 +386,10 @@ def _attn_bwd_gluon_kernel(
     k_row = b * seqlen_k + n_start
     # The worker partitions (one warp each): the TMA producer, then the dQ writer.
     gl.warp_specialize([
-        (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, ready, empty, dq_full, dq_empty,
-                        lse_ptr, delta_ptr, dk_ptr, dv_ptr, stride_dks, stride_dvs, stride_lb, stride_lh,
+        (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, kv_bar, ready, empty, dq_full,
+                        dq_empty, lse_ptr, delta_ptr, dk_ptr, dv_ptr, stride_dks, stride_dvs, stride_lb, stride_lh,
                         b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, DQ_EARLY, NUM_WARPS)),
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, DQ_EARLY, NUM_WARPS)),
         (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, kv_bar,
                        ready, empty, dq_full, dq_empty, q_row0, k_row, hk, lo, tiles, n_masked, group_size, HEAD_DIM,
                        HEAD_DIM_V, BLOCK_M, STAGES, True)),
@@ -359,16 +441,22 @@ def gluon_switch(env, q, seqlen_k, min_seqlen_k) -> bool:
 _DEFAULT_MIN_SK = {(128, False): 0, (128, True): 2048, (64, True): 2048}
 
 
+def gluon_bwd_tiles(d):
+    """``(BLOCK_N, STAGES)`` of the Gluon backward at head dim ``d``: keys a program and Q/dO ring stages."""
+    return (WIDE_BLOCK_N, WIDE_STAGES) if d > 128 else (BLOCK_N, STAGES)
+
+
 def gluon_shapes_ok(q, k, v, dk, dv, do, lse, *, varlen, causal, window) -> bool:
-    """Dense batches of packed heads (q, k, v, dO, dK, dV), D = Dv in {64, 128}, fp16/bf16, no window but
-    the causal one with ``S_q <= S_k``, ``S_q`` a multiple of 64 and ``S_k`` of 128, LSE rows contiguous."""
+    """Dense batches of packed heads (q, k, v, dO, dK, dV), D = Dv in {64, 128, 256}, fp16/bf16, no window but
+    the causal one with ``S_q <= S_k``, ``S_q`` a multiple of 64 and ``S_k`` of the program's keys (128; 64 at
+    D = 256), LSE rows contiguous."""
     if varlen or window:
         return False
     d, dv_dim = q.shape[-1], v.shape[-1]
-    if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128) or dv_dim != d:
+    if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128, 256) or dv_dim != d:
         return False
     s_q, s_k = q.shape[1], k.shape[1]
-    if s_q == 0 or s_k == 0 or s_q % BLOCK_M or s_k % BLOCK_N or (causal and s_q > s_k):
+    if s_q == 0 or s_k == 0 or s_q % BLOCK_M or s_k % gluon_bwd_tiles(d)[0] or (causal and s_q > s_k):
         return False
     return lse.stride(-1) == 1 and all(_tma_ok(x) for x in (q, k, v, do, dk, dv))
 
@@ -398,10 +486,11 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
     group = nheads // nheads_k
     head_bytes = seqlen_q * group * (d * (q.element_size() + 4) + dv_dim * do.element_size())
     section = l2_section(head_bytes, batch * nheads_k, L2_MB)
-    _attn_bwd_gluon_kernel[(batch * nheads_k * (seqlen_k // BLOCK_N),)](
-        _desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(do, BLOCK_M), _desc(dq_acc, BLOCK_M), lse,
+    block_n, stages = gluon_bwd_tiles(d)
+    _attn_bwd_gluon_kernel[(batch * nheads_k * (seqlen_k // block_n),)](
+        _desc(q, BLOCK_M), _desc(k, block_n), _desc(v, block_n), _desc(do, BLOCK_M), _desc(dq_acc, BLOCK_M), lse,
         delta, dk, dv, dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
         batch, nheads_k, seqlen_q, seqlen_k, group, section, qk_scale, softmax_scale,
-        HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
+        HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         DQ_EARLY=DQ_EARLY, NUM_WARPS=NUM_WARPS, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS,
     )
