@@ -57,6 +57,7 @@ WIDE_STAGES = 1
 # 479 -> 493 non-causal, 468 -> 487 causal; D=64 16k 317 -> 331, 310 -> 335; 1k and 4k within 1-2%.
 L2_MB = 8
 DQ_EARLY = True
+SPLIT_QDO = True  # D = 256: Q and dO each their own ready/empty barriers (knob for scripts/bwd_variants.py)
 WORKER_REGS = 24  # the TMA producer's and dQ writer's register budgets (setmaxnreg); the compute warps get the rest
 
 
@@ -73,12 +74,20 @@ def _bwd_load_tile(it, q_desc, do_desc, q_smem, do_smem, ready, empty, row, h,
                    HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr):
     """The producer's share of one tile: Q and dO rows [row, row + BLOCK_M) of head h into ring slot it % STAGES."""
     s = it % STAGES
-    # A fresh barrier counts its phase "before 0" as complete: the first pass does not wait.
-    mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-    bar = ready.index(s)
-    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [row, h * HEAD_DIM], bar, q_smem.index(s))
-    tma.async_copy_global_to_shared(do_desc, [row, h * HEAD_DIM_V], bar, do_smem.index(s))
+    phase = ((it // STAGES) & 1) ^ 1  # a fresh barrier counts its phase "before 0" as complete
+    if ready.shape[0] > STAGES:  # dO and Q each their own barriers (dO's at STAGES + s), dO first
+        mbarrier.wait(empty.index(STAGES + s), phase)
+        mbarrier.expect(ready.index(STAGES + s), do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(do_desc, [row, h * HEAD_DIM_V], ready.index(STAGES + s), do_smem.index(s))
+        mbarrier.wait(empty.index(s), phase)
+        mbarrier.expect(ready.index(s), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row, h * HEAD_DIM], ready.index(s), q_smem.index(s))
+    else:
+        mbarrier.wait(empty.index(s), phase)
+        bar = ready.index(s)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row, h * HEAD_DIM], bar, q_smem.index(s))
+        tma.async_copy_global_to_shared(do_desc, [row, h * HEAD_DIM_V], bar, do_smem.index(s))
 
 
 @gluon.jit
@@ -212,20 +221,32 @@ def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem
     s_layout: gl.constexpr = zero_s.type.layout
     cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
     s = it % STAGES
-    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+    phase = (it // STAGES) & 1
     q_t = q_smem.index(s)  # [BLOCK_M, HEAD_DIM]
     do_t = do_smem.index(s)  # [BLOCK_M, HEAD_DIM_V]
-    st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    lse = gl.load(lse_ptr + l_base + start + cols) * 1.4426950408889634
-    delta = gl.load(delta_ptr + l_base + start + cols)
-    st = warpgroup_mma_wait(1, deps=[st])  # [BLOCK_N, BLOCK_M]
+    SPLIT: gl.constexpr = ready.shape[0] > STAGES  # dO and Q on their own barriers (dO's at STAGES + s)
+    if SPLIT:  # dO comes first (handed back first): dP^T before S^T
+        mbarrier.wait(ready.index(STAGES + s), phase)
+        dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(ready.index(s), phase)
+        st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        lse = gl.load(lse_ptr + l_base + start + cols) * 1.4426950408889634
+        delta = gl.load(delta_ptr + l_base + start + cols)
+        dpt, st = warpgroup_mma_wait(0, deps=[dpt, st])
+    else:
+        mbarrier.wait(ready.index(s), phase)
+        st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        lse = gl.load(lse_ptr + l_base + start + cols) * 1.4426950408889634
+        delta = gl.load(delta_ptr + l_base + start + cols)
+        st = warpgroup_mma_wait(1, deps=[st])  # [BLOCK_N, BLOCK_M]
     pt = gl.exp2(st * qk_scale - lse[None, :])
     if MASKED:
         keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
         pt = gl.where(keys[:, None] <= (cols + first_row)[None, :], pt, 0.0)
     pt_smem.store(pt.to(k_smem.dtype))
-    dpt = warpgroup_mma_wait(0, deps=[dpt])
+    if not SPLIT:
+        dpt = warpgroup_mma_wait(0, deps=[dpt])
     _bwd_share_ds((pt * (dpt - delta[None, :])).to(k_smem.dtype), ds_smem)  # P^T too: one fence and barrier
     dv = warpgroup_mma(pt_smem, do_t, dv, is_async=True)
     dk = warpgroup_mma(ds_smem, q_t, dk, is_async=True)
@@ -233,7 +254,12 @@ def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem
     HALF: gl.constexpr = zero_dq.shape[1]
     ds_t = ds_smem.permute((1, 0))
     dq = warpgroup_mma(ds_t, k_smem.slice(0, HALF, dim=1), zero_dq, use_acc=False, is_async=True)
-    dv, dk = warpgroup_mma_wait(1, deps=[dv, dk])
+    if SPLIT:
+        dv = warpgroup_mma_wait(2, deps=[dv])
+        mbarrier.arrive(empty.index(STAGES + s))
+        dk = warpgroup_mma_wait(1, deps=[dk])
+    else:
+        dv, dk = warpgroup_mma_wait(1, deps=[dv, dk])
     mbarrier.arrive(empty.index(s))
     dq = warpgroup_mma_wait(0, deps=[dq])
     dq_buf = dq_smem.index(0)
@@ -333,7 +359,7 @@ def _attn_bwd_gluon_kernel(
     batch, nheads_k, seqlen_q, seqlen_k, group_size, section, qk_scale, softmax_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, NUM_WARPS: gl.constexpr,
-    WORKER_REGS: gl.constexpr,
+    WORKER_REGS: gl.constexpr, SPLIT_QDO: gl.constexpr,
 ):
     """dK, dV of one key block of one kv head and its share of dQ (added into the fp32 accumulator behind
     ``dq_desc``, unscaled). One program per (kv head, key block), in sections of ``section`` kv heads whose
@@ -370,12 +396,14 @@ def _attn_bwd_gluon_kernel(
         pt_smem = ds_smem  # unused
     dq_smem = gl.allocate_shared_memory(gl.float32, [BUFS, BLOCK_M, HEAD_DIM], dq_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # WIDE and SPLIT_QDO: Q's and dO's own barriers (dO's at STAGES + s), else one pair for both.
+    RING: gl.constexpr = 2 * STAGES if WIDE and SPLIT_QDO else STAGES
+    ready = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
     dq_full = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
     dq_empty = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(STAGES):
+    for i in gl.static_range(RING):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     for i in gl.static_range(BUFS):
@@ -438,7 +466,7 @@ def gluon_switch(env, q, seqlen_k, min_seqlen_k) -> bool:
 # together exceed L2) the Gluon kernel ran D=128 non-causal 1k 209, 4k 394, 16k 488; causal 154 / 341 / 482;
 # D=64 191 / 230 / 319, causal 145 / 220 / 333: the default was D=128 from 8k only. The kernel without its dQ
 # reduce ran D=128 16k at 560 (non-causal) and 560 (causal), before the sections.
-_DEFAULT_MIN_SK = {(128, False): 0, (128, True): 2048, (64, True): 2048}
+_DEFAULT_MIN_SK = {(128, False): 0, (128, True): 2048, (64, True): 2048, (256, False): 0, (256, True): 0}
 
 
 def gluon_bwd_tiles(d):
@@ -492,5 +520,5 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
         delta, dk, dv, dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
         batch, nheads_k, seqlen_q, seqlen_k, group, section, qk_scale, softmax_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
-        DQ_EARLY=DQ_EARLY, NUM_WARPS=NUM_WARPS, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS,
+        DQ_EARLY=DQ_EARLY, NUM_WARPS=NUM_WARPS, WORKER_REGS=WORKER_REGS, SPLIT_QDO=SPLIT_QDO, num_warps=NUM_WARPS,
     )
