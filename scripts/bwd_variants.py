@@ -68,16 +68,13 @@ def _env(name, value):
 @contextlib.contextmanager
 def _knobs(name):
     """A provider with module knobs set as ``name`` says. ``gluon-...``: the Gluon backward forced on at every
-    length, ``-early0`` / ``-early1`` (the tile's dQ GEMM after / before dK), ``-split0`` / ``-split1`` (D=256: Q
-    and dO on one barrier pair / each their own), ``-lN`` (L2 sections of N MiB,
+    length, ``-early0`` / ``-early1`` (the tile's dQ GEMM after / before dK), ``-lN`` (L2 sections of N MiB,
     0: none); ``hopper-lN``: the deterministic Hopper dK/dV kernel's L2 sections."""
     module = bwd_gluon if name.startswith("gluon") else bwd_hopper
     knobs = {}
     for part in name.split("-")[1:]:
         if part.startswith("early"):
             knobs["DQ_EARLY"] = part == "early1"
-        elif part.startswith("split"):
-            knobs["SPLIT_QDO"] = part == "split1"
         elif part.startswith("l"):
             knobs["L2_MB"] = int(part[1:])
     saved = {k: getattr(module, k) for k in knobs}

@@ -158,7 +158,7 @@ def compile_bwd_gluon(head_dim, causal):
     n, stages = bwd_gluon.gluon_bwd_tiles(head_dim)
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=bwd_gluon.BLOCK_M, BLOCK_N=n,
                   STAGES=stages, CAUSAL=causal, DQ_EARLY=bwd_gluon.DQ_EARLY, NUM_WARPS=bwd_gluon.NUM_WARPS,
-                  WORKER_REGS=bwd_gluon.WORKER_REGS, SPLIT_QDO=bwd_gluon.SPLIT_QDO)
+                  WORKER_REGS=bwd_gluon.WORKER_REGS)
 
     m = bwd_gluon.BLOCK_M
     sig = _signature(kernel, consts, q_desc=_desc_type(m, head_dim), do_desc=_desc_type(m, head_dim),

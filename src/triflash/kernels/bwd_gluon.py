@@ -57,7 +57,6 @@ WIDE_STAGES = 1
 # 479 -> 493 non-causal, 468 -> 487 causal; D=64 16k 317 -> 331, 310 -> 335; 1k and 4k within 1-2%.
 L2_MB = 8
 DQ_EARLY = True
-SPLIT_QDO = True  # D = 256: Q and dO each their own ready/empty barriers (knob for scripts/bwd_variants.py)
 WORKER_REGS = 24  # the TMA producer's and dQ writer's register budgets (setmaxnreg); the compute warps get the rest
 
 
@@ -224,50 +223,38 @@ def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem
     phase = (it // STAGES) & 1
     q_t = q_smem.index(s)  # [BLOCK_M, HEAD_DIM]
     do_t = do_smem.index(s)  # [BLOCK_M, HEAD_DIM_V]
-    SPLIT: gl.constexpr = ready.shape[0] > STAGES  # dO and Q on their own barriers (dO's at STAGES + s)
-    if SPLIT:  # dO comes first (handed back first): dP^T before S^T
-        mbarrier.wait(ready.index(STAGES + s), phase)
-        dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.wait(ready.index(s), phase)
-        st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        lse = gl.load(lse_ptr + l_base + start + cols) * 1.4426950408889634
-        delta = gl.load(delta_ptr + l_base + start + cols)
-        dpt, st = warpgroup_mma_wait(0, deps=[dpt, st])
-    else:
-        mbarrier.wait(ready.index(s), phase)
-        st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        lse = gl.load(lse_ptr + l_base + start + cols) * 1.4426950408889634
-        delta = gl.load(delta_ptr + l_base + start + cols)
-        st = warpgroup_mma_wait(1, deps=[st])  # [BLOCK_N, BLOCK_M]
+    # Q and dO each on their own barriers (dO's at STAGES + s): dO is handed back first (after dV), so it
+    # comes first, and dP^T is issued before S^T.
+    mbarrier.wait(ready.index(STAGES + s), phase)
+    dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    mbarrier.wait(ready.index(s), phase)
+    st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    lse = gl.load(lse_ptr + l_base + start + cols) * 1.4426950408889634
+    delta = gl.load(delta_ptr + l_base + start + cols)
+    dpt, st = warpgroup_mma_wait(0, deps=[dpt, st])  # [BLOCK_N, BLOCK_M]
     pt = gl.exp2(st * qk_scale - lse[None, :])
     if MASKED:
         keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
         pt = gl.where(keys[:, None] <= (cols + first_row)[None, :], pt, 0.0)
     pt_smem.store(pt.to(k_smem.dtype))
-    if not SPLIT:
-        dpt = warpgroup_mma_wait(0, deps=[dpt])
     _bwd_share_ds((pt * (dpt - delta[None, :])).to(k_smem.dtype), ds_smem)  # P^T too: one fence and barrier
     dv = warpgroup_mma(pt_smem, do_t, dv, is_async=True)
     dk = warpgroup_mma(ds_smem, q_t, dk, is_async=True)
-    # dQ = dS K in two column halves, one after the other (both at once spill: 64 more registers a thread).
+    # dQ = dS K in two column halves, so that the first half's store runs while the second is on the tensor cores.
     HALF: gl.constexpr = zero_dq.shape[1]
     ds_t = ds_smem.permute((1, 0))
-    dq = warpgroup_mma(ds_t, k_smem.slice(0, HALF, dim=1), zero_dq, use_acc=False, is_async=True)
-    if SPLIT:
-        dv = warpgroup_mma_wait(2, deps=[dv])
-        mbarrier.arrive(empty.index(STAGES + s))
-        dk = warpgroup_mma_wait(1, deps=[dk])
-    else:
-        dv, dk = warpgroup_mma_wait(1, deps=[dv, dk])
+    dq0 = warpgroup_mma(ds_t, k_smem.slice(0, HALF, dim=1), zero_dq, use_acc=False, is_async=True)
+    dq1 = warpgroup_mma(ds_t, k_smem.slice(HALF, HALF, dim=1), zero_dq, use_acc=False, is_async=True)
+    dv = warpgroup_mma_wait(3, deps=[dv])
+    mbarrier.arrive(empty.index(STAGES + s))
+    dk = warpgroup_mma_wait(2, deps=[dk])
     mbarrier.arrive(empty.index(s))
-    dq = warpgroup_mma_wait(0, deps=[dq])
+    dq0 = warpgroup_mma_wait(1, deps=[dq0])
     dq_buf = dq_smem.index(0)
     mbarrier.wait(dq_empty.index(0), (it & 1) ^ 1)
-    dq_buf.slice(0, HALF, dim=1).store(dq)
-    dq = warpgroup_mma(ds_t, k_smem.slice(HALF, HALF, dim=1), zero_dq, use_acc=False, is_async=True)
-    dq = warpgroup_mma_wait(0, deps=[dq])
-    dq_buf.slice(HALF, HALF, dim=1).store(dq)
+    dq_buf.slice(0, HALF, dim=1).store(dq0)
+    dq1 = warpgroup_mma_wait(0, deps=[dq1])
+    dq_buf.slice(HALF, HALF, dim=1).store(dq1)
     fence_async_shared()
     # Both warpgroups' GEMMs of this tile are done before either stores the next tile's P^T or dS^T.
     gl.thread_barrier()
@@ -359,7 +346,7 @@ def _attn_bwd_gluon_kernel(
     batch, nheads_k, seqlen_q, seqlen_k, group_size, section, qk_scale, softmax_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, NUM_WARPS: gl.constexpr,
-    WORKER_REGS: gl.constexpr, SPLIT_QDO: gl.constexpr,
+    WORKER_REGS: gl.constexpr,
 ):
     """dK, dV of one key block of one kv head and its share of dQ (added into the fp32 accumulator behind
     ``dq_desc``, unscaled). One program per (kv head, key block), in sections of ``section`` kv heads whose
@@ -396,8 +383,8 @@ def _attn_bwd_gluon_kernel(
         pt_smem = ds_smem  # unused
     dq_smem = gl.allocate_shared_memory(gl.float32, [BUFS, BLOCK_M, HEAD_DIM], dq_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    # WIDE and SPLIT_QDO: Q's and dO's own barriers (dO's at STAGES + s), else one pair for both.
-    RING: gl.constexpr = 2 * STAGES if WIDE and SPLIT_QDO else STAGES
+    # WIDE: Q's and dO's own barriers (dO's at STAGES + s), else one pair for both.
+    RING: gl.constexpr = 2 * STAGES if WIDE else STAGES
     ready = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
     dq_full = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
@@ -520,5 +507,5 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
         delta, dk, dv, dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
         batch, nheads_k, seqlen_q, seqlen_k, group, section, qk_scale, softmax_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
-        DQ_EARLY=DQ_EARLY, NUM_WARPS=NUM_WARPS, WORKER_REGS=WORKER_REGS, SPLIT_QDO=SPLIT_QDO, num_warps=NUM_WARPS,
+        DQ_EARLY=DQ_EARLY, NUM_WARPS=NUM_WARPS, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS,
     )
