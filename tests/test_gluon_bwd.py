@@ -34,8 +34,8 @@ def _shapes_ok(q, k, v, causal=False, **kw):
 
 def test_gluon_bwd_shapes(monkeypatch):
     """What the Gluon backward takes: whole tiles, D = Dv in {64, 128, 256}, 2-byte types, packed heads, causal
-    S_q <= S_k; never on the CPU, with deterministic=True, softcap or a sink; by default only from the S_k
-    where it measured faster (TRIFLASH_GLUON_BWD=1: wherever it can run)."""
+    S_q <= S_k; never on the CPU, with deterministic=True, softcap or a sink; by default from the S_k where
+    it measured faster (now every length; TRIFLASH_GLUON_BWD=1: wherever it can run, 0: never)."""
     q, k, v = _inputs((1, 64, 128, 2, 2, 64), torch.bfloat16, "cpu")
     assert _shapes_ok(q, k, v) and _shapes_ok(q, k, v, causal=True)
     assert not _shapes_ok(q, k, v, window=True) and not _shapes_ok(q, k, v, varlen=True)
@@ -59,7 +59,9 @@ def test_gluon_bwd_shapes(monkeypatch):
         for change in (dict(deterministic=True), dict(softcap=1.0), dict(sink=torch.zeros(2, device="cuda"))):
             assert not bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **(kw | change))
         monkeypatch.delenv("TRIFLASH_GLUON_BWD")
-        assert not bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **kw)  # D=64: not by default
+        assert bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **kw)  # by default too (D=64 from S_k=128)
+        monkeypatch.setenv("TRIFLASH_GLUON_BWD", "0")
+        assert not bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **kw)
 
 
 def test_compile_sm90_gluon_bwd():

@@ -412,8 +412,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
             num_splits. Neither changes results beyond rounding.
         deterministic: True: bitwise reproducible gradients (dK/dV and dQ in separate kernels). False (the
             default): where it measured faster, dQ shares are added with fp32 atomics, reproducible only up
-            to rounding: on Hopper the Gluon kernel at D = 128 and causal D = 64
-            (``bwd_gluon.gluon_bwd_eligible``)
+            to rounding: on Hopper the Gluon kernel at D in {64, 128, 256} (dense, whole tiles;
+            ``bwd_gluon.gluon_bwd_eligible``)
             and, for the calls neither Hopper backward takes, the atomic-dQ kernel on causal S_k >= 8k,
             D <= 128 (``configs.use_atomic_dq``); elsewhere the same separate kernels as True.
         return_lse: also return the log-sum-exp ``(B, H, Sq)`` fp32 (natural log, differentiable).

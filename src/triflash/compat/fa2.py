@@ -11,9 +11,9 @@ Differences from flash_attn 2.x:
       with unspecified scaling). ``softmax_lse`` is fp32 ``(B, H, Sq)`` dense, ``(H, Tq)`` varlen (the
       layout of flash_attn >= 2.4) and, unlike FA2's, is differentiable.
     - ``deterministic=True`` gives bitwise reproducible gradients (a separate dQ kernel, no atomics); the
-      default adds dQ with fp32 atomics (as FA2 does) only on Hopper where that measured faster (D = 128,
-      causal D = 64 from S_k = 2k; long causal problems the Hopper backwards do not take), and is
-      reproducible elsewhere.
+      default adds dQ with fp32 atomics (as FA2 does) only on Hopper where that measured faster (dense
+      whole-tile calls at D in {64, 128, 256}; long causal problems the Hopper backwards do not take),
+      and is reproducible elsewhere.
     - ``flash_attn_varlen_func(..., block_table=...)`` (paged KV) and ``flash_attn_with_kvcache`` are
       forward-only, as in FA2.
 """

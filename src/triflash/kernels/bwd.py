@@ -9,9 +9,9 @@ recomputes P and dP for it (seven GEMMs per tile); no program then writes what a
 gradients are bitwise reproducible. Both recompute P from the saved LSE. On the H100 the two kernels
 run their seven GEMMs faster than the fused kernel its five except on long causal problems (configs.py).
 
-On sm_90 two faster paths take dense whole-tile calls: ``bwd_gluon.py`` (``deterministic=False``, D=128 from
-S_k = 8k: the five-GEMM kernel in Gluon, dQ by TMA reduce-add from a writer warp) and ``bwd_hopper.py``
-(the warp-specialized dK/dV kernel, then this file's dQ kernel; bitwise reproducible).
+On sm_90 two faster paths take dense whole-tile calls: ``bwd_gluon.py`` (``deterministic=False``, D in
+{64, 128, 256}: the five-GEMM kernel in Gluon, dQ by TMA reduce-add from a writer warp) and ``bwd_hopper.py``
+(D <= 128: the warp-specialized dK/dV kernel, then this file's dQ kernel; bitwise reproducible).
 
 The LSE gradient folds into delta: ``dS = P * (dP - (rowsum(dO * O) - dLSE))``; the sink gradient
 is ``sum_i exp(sink - lse_i) * (dLSE_i - sum_j P_ij dP_ij)``, the row sum taken in fp32 (in the dQ kernel,

@@ -2,7 +2,7 @@
 
 FlashAttention-3's scheme, written with explicit warpgroups (plain Triton 3.6 cannot split dQ's
 contraction over keys across its consumer warpgroups, ``bwd_hopper.py``). One program owns a block of
-``BLOCK_N`` = 128 keys of one kv head and loops over (query head of the GQA group, query tile of
+``BLOCK_N`` = 128 keys (64 at D = 256) of one kv head and loops over (query head of the GQA group, query tile of
 ``BLOCK_M`` = 64 rows):
 
 - a producer warp loads K and V once, then each tile's Q and dO by TMA into a ring of ``STAGES`` buffers
@@ -15,10 +15,15 @@ contraction over keys across its consumer warpgroups, ``bwd_hopper.py``). One pr
   (``dq_full``/``dq_empty``) while dK is on the tensor cores (``DQ_EARLY``; masked tiles: dK before dQ);
 - a dQ-writer warp adds each buffer into the fp32 accumulator with one TMA reduce-add.
 
+At D = 256 (``_bwd_tile_wide``) dK and dV of 128 keys would take 256 registers a thread, so a program owns
+64 keys; the warpgroups split S^T and dP^T by query rows (32 each) and dK, dV and dQ by head dim (128 each),
+P^T goes through shared memory like dS^T, and with K, V, Q, dO and the 64 KB fp32 dQ share there is room
+for one Q/dO stage only, Q and dO each on their own barriers so that dO is handed back after dV, Q after dK.
+
 dQ's order of addition varies from run to run, so this path serves ``deterministic=False`` only
-(``bwd.attn_bwd``); dense batches of packed heads, D = Dv in {64, 128}, fp16/bf16, whole tiles, no
-softcap, sink or window but the causal one; by default D = 128 (causal from S_k = 2k) and causal D = 64 from
-2k (``gluon_bwd_eligible``). Programs go in L2 sections of heads (``_attn_bwd_gluon_kernel``).
+(``bwd.attn_bwd``); dense batches of packed heads, D = Dv in {64, 128, 256}, fp16/bf16, whole tiles, no
+softcap, sink or window but the causal one; the default there on sm_90 (``gluon_bwd_eligible``). Programs go
+in L2 sections of heads (``_attn_bwd_gluon_kernel``).
 Gluon does not run under the interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``),
 the GPU tests run it.
 """
@@ -442,18 +447,17 @@ def gluon_switch(env, q, seqlen_k, min_seqlen_k) -> bool:
 
 
 # (head dim, causal) -> the shortest S_k from which the Gluon backward is the default (deterministic=False).
-# H100, 2026-11-24, scripts/bwd_variants.py, whole backward TFLOP/s (FlashAttention convention, 16k tokens,
-# bf16), cuDNN in the same run. With L2 sections (L2_MB = 8; 16 at 4k/16k, where both give one section per
-# 1-4 heads), Gluon / deterministic Hopper path (its own sections, 32 MiB) / cuDNN:
-#   D=128 non-causal 1k 333/319/418, 2k 418/365/468, 4k 455/410/515, 16k 499/436/548;
-#         causal 1k 223/235/286, 2k 321/307/381, 4k 409/356/435, 16k 516/433/526.
-#   D=64  non-causal 1k 259/252/348, 2k 309/299/395, 4k 320/328/428, 16k 348/345/464 (even: the deterministic
-#         one stays); causal 1k 181/185/232, 2k 253/244/315, 4k 301/293/378, 16k 363/340/445.
-# Before the sections (programs of one head far apart, so each read its Q and dO from memory when the heads'
-# together exceed L2) the Gluon kernel ran D=128 non-causal 1k 209, 4k 394, 16k 488; causal 154 / 341 / 482;
-# D=64 191 / 230 / 319, causal 145 / 220 / 333: the default was D=128 from 8k only. The kernel without its dQ
-# reduce ran D=128 16k at 560 (non-causal) and 560 (causal), before the sections.
-_DEFAULT_MIN_SK = {(128, False): 0, (128, True): 2048, (64, True): 2048, (256, False): 0, (256, True): 0}
+# H100, 2026-11-24, scripts/bwd_variants.py on 9b44e8c (dq = acc * scale in one pass), whole backward TFLOP/s
+# (FlashAttention convention, 16k tokens, bf16), Gluon / deterministic Hopper path / cuDNN in one run, 1k, 2k,
+# 4k, 16k: D=64 non-causal 269/258/338, 317/310/394, 345/332/428, 369/347/459; causal 200/184/231,
+# 266/247/313, 318/289/370, 381/332/438. D=128 non-causal 363/319/413, 434/378/474, 481/392/512, 508/406/533;
+# causal 251/239/285, 354/312/380, 421/358/437, 515/411/525. D=256 (the deterministic path is the portable one)
+# non-causal 284/208/289, 331/226/346, 345/234/341, 360/236/370; causal 221/148/231, 291/175/308, 349/196/340,
+# 410/217/380. Gluon everywhere. Before the one-pass dq (mul_ then copy_: ~90 us more at every length) the
+# deterministic path had led at D=64 non-causal and at 1k causal D=64/128; before the L2 sections (programs of
+# one head far apart) the Gluon kernel had run D=128 non-causal 1k 209, 4k 394, 16k 488; causal 154 / 341 / 482.
+# The kernel without its dQ reduce ran D=128 16k at 560 (non-causal) and 560 (causal), before the sections.
+_DEFAULT_MIN_SK = {(d, causal): 0 for d in (64, 128, 256) for causal in (False, True)}
 
 
 def gluon_bwd_tiles(d):
