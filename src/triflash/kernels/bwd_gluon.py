@@ -6,7 +6,8 @@ contraction over keys across its consumer warpgroups, ``bwd_hopper.py``). One pr
 ``BLOCK_M`` = 64 rows):
 
 - a producer warp loads K and V once, then each tile's Q and dO by TMA into a ring of ``STAGES`` buffers
-  (``ready``/``empty`` mbarriers);
+  (``ready``/``empty`` mbarriers) and the tile's LSE and delta rows into shared memory beside them (plain
+  loads; the second arrival on the slot's ready barrier);
 - the compute partition (two warpgroups, 64 keys each) recomputes S^T = K Q^T and dP^T = V dO^T (wgmma,
   issued together), P^T = exp2(S^T * scale - LSE), dS^T = P^T (dP^T - delta), then dV += P^T dO from
   registers, stores dS^T to shared memory (double-buffered: one CTA barrier per tile orders both
@@ -74,9 +75,11 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 @gluon.jit
-def _bwd_load_tile(it, q_desc, do_desc, q_smem, do_smem, ready, empty, row, h,
-                   HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr):
-    """The producer's share of one tile: Q and dO rows [row, row + BLOCK_M) of head h into ring slot it % STAGES."""
+def _bwd_load_tile(it, q_desc, do_desc, q_smem, do_smem, lse_smem, delta_smem, ready, empty, row, h, lse_src,
+                   delta_src, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr):
+    """The producer's share of one tile: Q and dO rows [row, row + BLOCK_M) of head h into ring slot it % STAGES
+    by TMA, and the rows' LSE and delta (from ``lse_src``, ``delta_src``) into the slot's ``lse_smem``,
+    ``delta_smem`` by plain loads, the second arrival on the slot's (Q's) ready barrier."""
     s = it % STAGES
     phase = ((it // STAGES) & 1) ^ 1  # a fresh barrier counts its phase "before 0" as complete
     if ready.shape[0] > STAGES:  # dO and Q each their own barriers (dO's at STAGES + s), dO first
@@ -92,6 +95,14 @@ def _bwd_load_tile(it, q_desc, do_desc, q_smem, do_smem, ready, empty, row, h,
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [row, h * HEAD_DIM], bar, q_smem.index(s))
         tma.async_copy_global_to_shared(do_desc, [row, h * HEAD_DIM_V], bar, do_smem.index(s))
+    # The compute partition used to load these itself at the top of each tile: the loads' latency, exposed
+    # behind the short S^T and dP^T GEMMs, cost 19% at D=128 and 32% at D=64 (16k, non-causal).
+    BLOCK_M: gl.constexpr = lse_smem.shape[1]
+    rows: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+    offs = gl.arange(0, BLOCK_M, layout=rows)
+    lse_smem.index(s).store(gl.load(lse_src + offs))
+    delta_smem.index(s).store(gl.load(delta_src + offs))
+    mbarrier.arrive(ready.index(s))
 
 
 @gluon.jit
@@ -108,27 +119,35 @@ def _bwd_write_tile(it, dq_desc, dq_smem, dq_full, dq_empty, row, h, HEAD_DIM: g
 
 
 @gluon.jit
-def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, kv_bar, ready,
-                empty, dq_full, dq_empty, q_row0, k_row, hk, lo, tiles, n_masked, group_size,
+def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, lse_smem,
+                delta_smem, kv_bar, ready, empty, dq_full, dq_empty, lse_ptr, delta_ptr, stride_lb, stride_lh, b,
+                q_row0, k_row, hk, lo, tiles, n_masked, group_size,
                 HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                 LOADER: gl.constexpr):
     """A one-warp partition walking the tiles in the compute partition's order (per query head the masked
     tiles, then the mask-free ones): ``LOADER``, the TMA producer (K and V once, then Q and dO of every
     tile, ``STAGES`` ahead); else the dQ writer."""
+    # This batch's LSE and delta from the first visible row (int32 offsets below: a head and a tile).
+    lse_b = lse_ptr + (b.to(gl.int64) * stride_lb + lo)
+    delta_b = delta_ptr + (b.to(gl.int64) * stride_lb + lo)
     if LOADER:
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [k_row, hk * HEAD_DIM], kv_bar, k_smem)
         tma.async_copy_global_to_shared(v_desc, [k_row, hk * HEAD_DIM_V], kv_bar, v_smem)
+    row0 = q_row0 + lo
     n_free = tiles - n_masked
     for j in range(group_size * (n_masked + n_free)):
         masked = j < group_size * n_masked
         jj = j if masked else j - group_size * n_masked
         per = n_masked if masked else n_free
         g = jj // per
-        row = q_row0 + lo + ((jj - g * per) + (0 if masked else n_masked)) * BLOCK_M
+        tile_row = ((jj - g * per) + (0 if masked else n_masked)) * BLOCK_M
+        row = row0 + tile_row
         h = hk * group_size + g
         if LOADER:
-            _bwd_load_tile(j, q_desc, do_desc, q_smem, do_smem, ready, empty, row, h, HEAD_DIM, HEAD_DIM_V, STAGES)
+            l_off = h * stride_lh + tile_row
+            _bwd_load_tile(j, q_desc, do_desc, q_smem, do_smem, lse_smem, delta_smem, ready, empty, row, h,
+                           lse_b + l_off, delta_b + l_off, HEAD_DIM, HEAD_DIM_V, STAGES)
         else:
             _bwd_write_tile(j, dq_desc, dq_smem, dq_full, dq_empty, row, h, HEAD_DIM)
 
@@ -164,8 +183,8 @@ def _sectioned(t, section, per_head, n_heads):
 
 
 @gluon.jit
-def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty, dq_full, dq_empty,
-              lse_ptr, delta_ptr, l_base, start, first_row, qk_scale, zero_s, zero_dq,
+def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse_smem, delta_smem, ready, empty,
+              dq_full, dq_empty, first_row, qk_scale, zero_s, zero_dq,
               PA_LAYOUT: gl.constexpr, DSA_LAYOUT: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
               DQ_EARLY: gl.constexpr):
     """One query tile (rows [start, start + BLOCK_M) of one head): dK, dV += its share; its dQ share goes to
@@ -181,14 +200,15 @@ def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, rea
     do_t = do_smem.index(s)  # [BLOCK_M, HEAD_DIM_V]
     st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    lse = gl.load(lse_ptr + l_base + start + cols) * 1.4426950408889634
-    delta = gl.load(delta_ptr + l_base + start + cols)
     st = warpgroup_mma_wait(1, deps=[st])  # [BLOCK_N, BLOCK_M]
+    # LSE and delta from shared memory (the producer's), each read just before use: fewer live registers.
+    lse = lse_smem.index(s).load(gl.SliceLayout(0, s_layout)) * 1.4426950408889634
     pt = gl.exp2(st * qk_scale - lse[None, :])
     if MASKED:
         keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
         pt = gl.where(keys[:, None] <= (cols + first_row)[None, :], pt, 0.0)
     dpt = warpgroup_mma_wait(0, deps=[dpt])
+    delta = delta_smem.index(s).load(gl.SliceLayout(0, s_layout))
     dv = warpgroup_mma(gl.convert_layout(pt.to(k_smem.dtype), PA_LAYOUT), do_t, dv, is_async=True)
     ds16 = (pt * (dpt - delta[None, :])).to(k_smem.dtype)
     b = it % 2
@@ -214,8 +234,8 @@ def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, rea
 
 
 @gluon.jit
-def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, ready, empty, dq_full,
-                   dq_empty, lse_ptr, delta_ptr, l_base, start, first_row, qk_scale, zero_s, zero_dq,
+def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem, delta_smem,
+                   ready, empty, dq_full, dq_empty, first_row, qk_scale, zero_s, zero_dq,
                    STAGES: gl.constexpr, MASKED: gl.constexpr):
     """``_bwd_tile`` at D = 256 (``BLOCK_N`` = 64 keys): the warpgroups split S^T and dP^T by query rows (32
     each) and dK, dV, dQ by head dim (128 each), so P^T goes to shared memory as well as dS^T and every later
@@ -234,14 +254,14 @@ def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem
     dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     mbarrier.wait(ready.index(s), phase)
     st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    lse = gl.load(lse_ptr + l_base + start + cols) * 1.4426950408889634
-    delta = gl.load(delta_ptr + l_base + start + cols)
     dpt, st = warpgroup_mma_wait(0, deps=[dpt, st])  # [BLOCK_N, BLOCK_M]
+    lse = lse_smem.index(s).load(gl.SliceLayout(0, s_layout)) * 1.4426950408889634
     pt = gl.exp2(st * qk_scale - lse[None, :])
     if MASKED:
         keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
         pt = gl.where(keys[:, None] <= (cols + first_row)[None, :], pt, 0.0)
     pt_smem.store(pt.to(k_smem.dtype))
+    delta = delta_smem.index(s).load(gl.SliceLayout(0, s_layout))
     _bwd_share_ds((pt * (dpt - delta[None, :])).to(k_smem.dtype), ds_smem)  # P^T too: one fence and barrier
     dv = warpgroup_mma(pt_smem, do_t, dv, is_async=True)
     dk = warpgroup_mma(ds_smem, q_t, dk, is_async=True)
@@ -268,9 +288,9 @@ def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem
 
 
 @gluon.jit
-def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, kv_bar, ready, empty, dq_full, dq_empty,
-                 lse_ptr, delta_ptr, dk_ptr, dv_ptr, stride_dks, stride_dvs, stride_lb, stride_lh,
-                 b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
+def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem, delta_smem, kv_bar, ready,
+                 empty, dq_full, dq_empty, dk_ptr, dv_ptr, stride_dks, stride_dvs, b, hk, n_start, lo, tiles, n_masked,
+                 group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
                  HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, NUM_WARPS: gl.constexpr):
     """The two compute warpgroups: five GEMMs per tile, dK/dV in registers, dQ shares handed to the writer.
@@ -309,10 +329,8 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, kv_
             per = n_masked if masked else n_free
             g = jj // per
             start = lo + ((jj - g * per) + (0 if masked else n_masked)) * BLOCK_M
-            h = hk * group_size + g
-            dk, dv = _bwd_tile_wide(j, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, ready,
-                                    empty, dq_full, dq_empty, lse_ptr, delta_ptr,
-                                    b64 * stride_lb + h.to(gl.int64) * stride_lh, start,
+            dk, dv = _bwd_tile_wide(j, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem,
+                                    delta_smem, ready, empty, dq_full, dq_empty,
                                     start + off - n_start if masked else BLOCK_N, qk_scale, zero_s, zero_dq, STAGES,
                                     CAUSAL)
     else:
@@ -321,20 +339,14 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, kv_
         for j in range(group_size * n_masked):
             g = j // n_masked
             start = lo + (j - g * n_masked) * BLOCK_M
-            h = hk * group_size + g
-            dk, dv = _bwd_tile(j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty, dq_full,
-                               dq_empty, lse_ptr, delta_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh, start,
-                               start + off - n_start, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, True,
-                               DQ_EARLY)
+            dk, dv = _bwd_tile(j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse_smem, delta_smem,
+                               ready, empty, dq_full, dq_empty, start + off - n_start, qk_scale, zero_s, zero_dq,
+                               pa_layout, dsa_layout, STAGES, True, DQ_EARLY)
         first = group_size * n_masked
         for j in range(group_size * n_free):
-            g = j // n_free
-            start = lo + (n_masked + j - g * n_free) * BLOCK_M
-            h = hk * group_size + g
-            dk, dv = _bwd_tile(first + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, ready, empty,
-                               dq_full, dq_empty, lse_ptr, delta_ptr, b64 * stride_lb + h.to(gl.int64) * stride_lh,
-                               start, 0, qk_scale, zero_s, zero_dq, pa_layout, dsa_layout, STAGES, False,
-                               DQ_EARLY)
+            dk, dv = _bwd_tile(first + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse_smem,
+                               delta_smem, ready, empty, dq_full, dq_empty, 0, qk_scale, zero_s, zero_dq, pa_layout,
+                               dsa_layout, STAGES, False, DQ_EARLY)
 
     k_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dk_layout)).to(gl.int64)
     d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dk_layout))
@@ -387,6 +399,10 @@ def _attn_bwd_gluon_kernel(
         ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
         pt_smem = ds_smem  # unused
     dq_smem = gl.allocate_shared_memory(gl.float32, [BUFS, BLOCK_M, HEAD_DIM], dq_desc.layout)
+    # Each Q/dO stage's LSE and delta (fp32 rows), stored by the producer.
+    row_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])  # per slot
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     # WIDE: Q's and dO's own barriers (dO's at STAGES + s), else one pair for both.
     RING: gl.constexpr = 2 * STAGES if WIDE else STAGES
@@ -395,8 +411,8 @@ def _attn_bwd_gluon_kernel(
     dq_full = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
     dq_empty = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(RING):
-        mbarrier.init(ready.index(i), count=1)
+    for i in gl.static_range(RING):  # Q's: the TMA bytes and the producer's arrival after LSE and delta
+        mbarrier.init(ready.index(i), count=2 if i < STAGES else 1)
         mbarrier.init(empty.index(i), count=1)
     for i in gl.static_range(BUFS):
         mbarrier.init(dq_full.index(i), count=1)
@@ -406,16 +422,18 @@ def _attn_bwd_gluon_kernel(
     k_row = b * seqlen_k + n_start
     # The worker partitions (one warp each): the TMA producer, then the dQ writer.
     gl.warp_specialize([
-        (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, kv_bar, ready, empty, dq_full,
-                        dq_empty, lse_ptr, delta_ptr, dk_ptr, dv_ptr, stride_dks, stride_dvs, stride_lb, stride_lh,
-                        b, hk, n_start, lo, tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, DQ_EARLY, NUM_WARPS)),
-        (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, kv_bar,
-                       ready, empty, dq_full, dq_empty, q_row0, k_row, hk, lo, tiles, n_masked, group_size, HEAD_DIM,
-                       HEAD_DIM_V, BLOCK_M, STAGES, True)),
-        (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, kv_bar,
-                       ready, empty, dq_full, dq_empty, q_row0, k_row, hk, lo, tiles, n_masked, group_size, HEAD_DIM,
-                       HEAD_DIM_V, BLOCK_M, STAGES, False)),
+        (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem, delta_smem, kv_bar,
+                        ready, empty, dq_full, dq_empty, dk_ptr, dv_ptr, stride_dks, stride_dvs, b, hk, n_start, lo,
+                        tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale, HEAD_DIM,
+                        HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, DQ_EARLY, NUM_WARPS)),
+        (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, lse_smem,
+                       delta_smem, kv_bar, ready, empty, dq_full, dq_empty, lse_ptr, delta_ptr, stride_lb, stride_lh, b,
+                       q_row0, k_row, hk, lo, tiles, n_masked, group_size, HEAD_DIM, HEAD_DIM_V, BLOCK_M, STAGES,
+                       True)),
+        (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, lse_smem,
+                       delta_smem, kv_bar, ready, empty, dq_full, dq_empty, lse_ptr, delta_ptr, stride_lb, stride_lh, b,
+                       q_row0, k_row, hk, lo, tiles, n_masked, group_size, HEAD_DIM, HEAD_DIM_V, BLOCK_M, STAGES,
+                       False)),
     ], [1, 1], [WORKER_REGS, WORKER_REGS])
 
 
