@@ -126,8 +126,8 @@ def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_sme
                 HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                 LOADER: gl.constexpr):
     """A one-warp partition walking the tiles in the compute partition's order (per query head the masked
-    tiles, then the mask-free ones): ``LOADER``, the TMA producer (K and V once, then Q and dO of every
-    tile, ``STAGES`` ahead); else the dQ writer."""
+    tiles, then the mask-free ones): ``LOADER``, the producer (K and V once, then Q and dO of every tile by
+    TMA and its rows' LSE and delta, ``STAGES`` ahead); else the dQ writer."""
     # This batch's LSE and delta from the first visible row (int32 offsets below: a head and a tile).
     lse_b = lse_ptr + (b.to(gl.int64) * stride_lb + lo)
     delta_b = delta_ptr + (b.to(gl.int64) * stride_lb + lo)
@@ -184,17 +184,28 @@ def _sectioned(t, section, per_head, n_heads):
 
 
 @gluon.jit
+def _bwd_probs(st, lse_row, cols, first_row, qk_scale, MASKED: gl.constexpr):
+    """P^T = exp2(S^T * scale - LSE) of one tile, ``lse_row`` the shared-memory slot of its rows' LSE (natural
+    log), ``cols`` the tile's column indices. ``MASKED``: causal, key r of the block sees tile row c iff
+    r <= c + first_row."""
+    s_layout: gl.constexpr = st.type.layout
+    lse = lse_row.load(gl.SliceLayout(0, s_layout)) * 1.4426950408889634
+    pt = gl.exp2(st * qk_scale - lse[None, :])
+    if MASKED:
+        keys = gl.arange(0, st.shape[0], layout=gl.SliceLayout(1, s_layout))
+        pt = gl.where(keys[:, None] <= (cols + first_row)[None, :], pt, 0.0)
+    return pt
+
+
+@gluon.jit
 def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse_smem, delta_smem, ready, empty,
               dq_full, dq_empty, first_row, qk_scale, zero_s, zero_dq,
               PA_LAYOUT: gl.constexpr, DSA_LAYOUT: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
               DQ_EARLY: gl.constexpr):
-    """One query tile (rows [start, start + BLOCK_M) of one head): dK, dV += its share; its dQ share goes to
-    the writer through buffer it % 2. ``MASKED``: causal, key r of the block sees tile row c iff
-    r <= c + first_row."""
-    BLOCK_N: gl.constexpr = zero_s.shape[0]
-    BLOCK_M: gl.constexpr = zero_s.shape[1]
+    """One query tile (BLOCK_M rows of one head, ring slot it % STAGES): dK, dV += its share; its dQ share goes
+    to the writer through buffer it % 2. ``MASKED``: causal (``_bwd_probs``)."""
     s_layout: gl.constexpr = zero_s.type.layout
-    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    cols = gl.arange(0, zero_s.shape[1], layout=gl.SliceLayout(0, s_layout))
     s = it % STAGES
     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
     q_t = q_smem.index(s)  # [BLOCK_M, HEAD_DIM]
@@ -203,11 +214,7 @@ def _bwd_tile(it, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse
     dpt = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     st = warpgroup_mma_wait(1, deps=[st])  # [BLOCK_N, BLOCK_M]
     # LSE and delta from shared memory (the producer's), each read just before use: fewer live registers.
-    lse = lse_smem.index(s).load(gl.SliceLayout(0, s_layout)) * 1.4426950408889634
-    pt = gl.exp2(st * qk_scale - lse[None, :])
-    if MASKED:
-        keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
-        pt = gl.where(keys[:, None] <= (cols + first_row)[None, :], pt, 0.0)
+    pt = _bwd_probs(st, lse_smem.index(s), cols, first_row, qk_scale, MASKED)
     dpt = warpgroup_mma_wait(0, deps=[dpt])
     delta = delta_smem.index(s).load(gl.SliceLayout(0, s_layout))
     dv = warpgroup_mma(gl.convert_layout(pt.to(k_smem.dtype), PA_LAYOUT), do_t, dv, is_async=True)
@@ -241,10 +248,8 @@ def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem
     """``_bwd_tile`` at D = 256 (``BLOCK_N`` = 64 keys): the warpgroups split S^T and dP^T by query rows (32
     each) and dK, dV, dQ by head dim (128 each), so P^T goes to shared memory as well as dS^T and every later
     GEMM reads both operands there. dV and dK are waited for first, to hand the Q/dO stage back while dQ runs."""
-    BLOCK_N: gl.constexpr = zero_s.shape[0]
-    BLOCK_M: gl.constexpr = zero_s.shape[1]
     s_layout: gl.constexpr = zero_s.type.layout
-    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    cols = gl.arange(0, zero_s.shape[1], layout=gl.SliceLayout(0, s_layout))
     s = it % STAGES
     phase = (it // STAGES) & 1
     q_t = q_smem.index(s)  # [BLOCK_M, HEAD_DIM]
@@ -256,11 +261,7 @@ def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem
     mbarrier.wait(ready.index(s), phase)
     st = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     dpt, st = warpgroup_mma_wait(0, deps=[dpt, st])  # [BLOCK_N, BLOCK_M]
-    lse = lse_smem.index(s).load(gl.SliceLayout(0, s_layout)) * 1.4426950408889634
-    pt = gl.exp2(st * qk_scale - lse[None, :])
-    if MASKED:
-        keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
-        pt = gl.where(keys[:, None] <= (cols + first_row)[None, :], pt, 0.0)
+    pt = _bwd_probs(st, lse_smem.index(s), cols, first_row, qk_scale, MASKED)
     pt_smem.store(pt.to(k_smem.dtype))
     delta = delta_smem.index(s).load(gl.SliceLayout(0, s_layout))
     _bwd_share_ds((pt * (dpt - delta[None, :])).to(k_smem.dtype), ds_smem)  # P^T too: one fence and barrier
@@ -297,7 +298,7 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse
     """The two compute warpgroups: five GEMMs per tile, dK/dV in registers, dQ shares handed to the writer.
     Per query head, the tiles that straddle the causal diagonal (masked) come first, then the rest."""
     dtype: gl.constexpr = k_smem.dtype
-    WIDE: gl.constexpr = BLOCK_N == 64  # D = 256 (_bwd_tile_wide)
+    WIDE: gl.constexpr = HEAD_DIM > 128  # D = 256 (_bwd_tile_wide, gluon_bwd_tiles)
     # Keys along M (64 per warpgroup) for S^T, dP^T, dK, dV; dQ splits its head dim between the warpgroups.
     # WIDE: 64 keys in all; S^T and dP^T split their query rows, dK and dV their head dims.
     SPLIT: gl.constexpr = 2 if WIDE else 1
@@ -391,7 +392,7 @@ def _attn_bwd_gluon_kernel(
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM_V], v_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
     # D <= 128: two dS^T and dQ buffers; D = 256 (BLOCK_N = 64): one each and one for P^T (_bwd_tile_wide).
-    WIDE: gl.constexpr = BLOCK_N == 64
+    WIDE: gl.constexpr = HEAD_DIM > 128
     BUFS: gl.constexpr = 1 if WIDE else 2
     if WIDE:
         pt_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
