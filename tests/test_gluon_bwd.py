@@ -78,7 +78,7 @@ def test_compile_sm90_gluon_bwd():
         assert r["smem"] <= 232448 and r["hot_loops"] == loops and r["loop_spills"] == 0, r
         # D=256 causal: the one-warp producer (24 registers) spills 4 bytes in its set-up, outside every loop;
         # the compute warps and all loops spill nothing.
-        assert max(r["spill_stores"]) <= (8 if r["head_dim"] == 256 and r["causal"] else 0), r
+        assert max(r["spill_stores"]) <= (4 if r["head_dim"] == 256 and r["causal"] else 0), r
 
 
 @pytest.mark.gpu
