@@ -71,19 +71,23 @@ def test_compile_sm90_gluon_fwd():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("schedule", ["table", "persistent"])
+@pytest.mark.parametrize("schedule", ["table", "persistent", "persistent-order-flipped"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
     """TRIFLASH_GLUON_FWD=1 takes the Gluon forward on sm_90: output and LSE (and the backward from them)
     against the reference through the public API, outputs poisoned. ``persistent``: three programs walk all
     the work items (several each, of different lengths under causal), ping-pong flipped from the table's,
-    causal items longest first within L2 sections of at most two heads (causal-d64: two, then one)."""
+    causal items longest first within L2 sections of at most two heads (causal-d64: two, then one), each
+    program's next item as the table has it (causal: taken from the atomic counter; non-causal: a stride of
+    programs); ``persistent-order-flipped``: the same with the table's ping-pong and the other order."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
-    if schedule == "persistent":
-        flipped = {key: dataclasses.replace(cfg, persistent=True, pingpong=not cfg.pingpong)
+    if schedule != "table":
+        order = schedule == "persistent-order-flipped"
+        flipped = {key: dataclasses.replace(cfg, persistent=True, pingpong=cfg.pingpong == order,
+                                            dynamic=cfg.dynamic != order)
                    for key, cfg in fwd_gluon._CONFIGS.items()}
         monkeypatch.setattr(fwd_gluon, "_CONFIGS", flipped)
         monkeypatch.setattr(fwd_gluon, "sm_count", lambda device: 3)

@@ -1,8 +1,10 @@
 """Hopper (sm_90) forward in Gluon: FlashAttention-3's schedule with explicit warpgroups.
 
 A work item is ``BLOCK_M`` = 128 query rows of one head (``_tile``: causal, longest first within L2 sections
-of heads); a program takes one item, or, persistent, one program per SM walks every ``num_programs``-th item.
-Three partitions:
+of heads); a program takes one item, or, persistent, one program per SM walks the items: every
+``num_programs``-th (non-causal: equal lengths), or (``dynamic``, causal) the next one no program has taken yet,
+which the producer takes from an atomic counter when it has issued the current item's loads and hands to the
+consumers through shared memory. Three partitions:
 
 - a producer warp loads the two 64-row halves of Q (once the consumers' last S GEMMs of the previous item
   have read theirs), then each key tile's K and V by TMA into a ring of ``STAGES`` buffers (``k_ready`` /
@@ -42,6 +44,7 @@ from .launch import l2_section
 BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
 LOADER_REGS = 24  # the TMA producer's register budget (setmaxnreg)
 CONSUMER_REGS = 240  # the second consumer warpgroup's (the first, the default partition, gets the rest)
+ID_SLOTS = 4  # dynamic scheduling: work items the producer may take ahead of the consumers
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class GluonFwdConfig:
     pingpong: bool = False  # the consumer warpgroups take turns issuing their GEMMs (FlashAttention-3's schedule)
     persistent: bool = False  # one program per SM walking the work items (else one program per item)
     l2_mb: int = 16  # causal: the heads taken longest first together hold this much K and V (0: every head)
+    dynamic: bool = False  # persistent: each program's next item from an atomic counter (in order, as it frees)
 
 
 # (head dim, causal) -> tile config. Shared memory: Q 2 x 64 x D, K and V STAGES x BLOCK_N x D each (bf16).
@@ -69,17 +73,27 @@ class GluonFwdConfig:
 #         253/464/549 (418/514/559)
 #   D=256 non-causal 508/612/628 / 542/638/672 | 513/615/671 (581/650/542); causal 253/530/644 / 238/488/554 |
 #         240/505/577 (438/555/604)
-# Non-causal: persistent, ping-pong off. Causal: one program per item (the hardware's dynamic order balances the
-# items' unequal lengths better than a static stride over them), ping-pong at D=128 only.
+# Non-causal: persistent, ping-pong off. Causal: ping-pong at D=128 only; a static stride over items of unequal
+# length balanced worse than the hardware's order of one program per item, but see the dynamic order below.
 # Causal, longest first within L2 sections of heads (l2_mb, _tile) against over all heads at once, same run
 # (cuDNN): D=128 1k 251 -> 306 (421), 2k 310 -> 427 (504), 4k 454 -> 498 (524), 16k 578 -> 656 (554); D=256
 # 252 -> 350 (439), 425 -> 463 (517), 516 -> 552 (563), 628 -> 646 (596); D=64 212 -> 218, 284 -> 302,
 # 321 -> 370, 430 -> 446 (32 MiB sections). 16 against 32 / 64 MiB, another run: D=128 1k 317 / 305 / 253,
 # 4k 541 / 541 / 486, 8k 574 / 564 / 522, 16k 613 / 618 / 572; D=64 1k-16k within 4%, 16 best or even.
+# Causal, persistent with the dynamic order (each program's next item from an atomic counter, _next_item) against
+# one program per item, same run (cuDNN), docs/results/fwd-variants-h100-2026-11-24-dynamic.jsonl:
+#   D=64 217/383/449 -> 290/413/465 (333/420/438); D=128 316/539/617 -> 380/572/658 (439/526/573), ping-pong off
+#   369/542/625; D=256 369/600/674 -> 402/604/719 (444/584/596). The next item's Q in a second buffer (loaded
+#   during this item's last GEMMs): within 3% either way, not kept. A static stride with odd rounds reversed
+#   (another run): D=128 286/385/422, D=256 285/391/427. Non-causal, dynamic against the static stride: D=64
+#   408/457/474 vs 407/454/477, D=128 530/623/629 vs 529/609/660, D=256 528/664/676 vs 543/651/665: static kept.
 _CONFIGS = {
-    (64, False): GluonFwdConfig(128, 3, persistent=True), (64, True): GluonFwdConfig(128, 3),
-    (128, False): GluonFwdConfig(128, 2, persistent=True), (128, True): GluonFwdConfig(128, 2, pingpong=True),
-    (256, False): GluonFwdConfig(64, 2, persistent=True), (256, True): GluonFwdConfig(64, 2),
+    (64, False): GluonFwdConfig(128, 3, persistent=True),
+    (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
+    (128, False): GluonFwdConfig(128, 2, persistent=True),
+    (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True),
+    (256, False): GluonFwdConfig(64, 2, persistent=True),
+    (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True),
 }
 
 
@@ -110,15 +124,41 @@ def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLO
 
 
 @gluon.jit
+def _next_item(t, i, ids, id_ready, id_empty, counter, PRODUCER: gl.constexpr, DYNAMIC: gl.constexpr):
+    """The work item after ``t``, this program's ``i``-th: ``t + programs``, or, ``DYNAMIC``, the next one not
+    yet taken by any program: the producer takes it from ``counter`` (atomically) and hands it to the consumers
+    through slot ``i`` of the ring ``ids``. Past the last item (>= total) ends the loops."""
+    if DYNAMIC:
+        SLOTS: gl.constexpr = ids.shape[0]
+        slot = i % SLOTS
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        if PRODUCER:
+            t = gl.atomic_add(counter, 1) + gl.num_programs(0)
+            mbarrier.wait(id_empty.index(slot), ((i // SLOTS) & 1) ^ 1)
+            ids.index(slot).store(gl.full([1], t, gl.int32, layout))
+            mbarrier.arrive(id_ready.index(slot))
+        else:
+            mbarrier.wait(id_ready.index(slot), (i // SLOTS) & 1)
+            t = gl.max(ids.index(slot).load(layout), 0)
+            mbarrier.arrive(id_empty.index(slot))
+    else:
+        t = t + gl.num_programs(0)
+    return t
+
+
+@gluon.jit
 def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-              total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, HEAD_DIM: gl.constexpr,
-              HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+              ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
+              section, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr):
     """The producer warp, per work item: both Q halves (once the consumers' last S GEMMs of the previous item
-    have read theirs), then K and V of every key tile, ``STAGES`` tiles ahead, across work items."""
+    have read theirs), then K and V of every key tile, ``STAGES`` tiles ahead, across work items; then the
+    program's next item (``_next_item``: ``DYNAMIC``, it takes it)."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     it = 0
     i = 0
-    for t in range(gl.program_id(0), total, gl.num_programs(0)):
+    t = gl.program_id(0)
+    while t < total:
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
                                                    section, 2 * HALF, BLOCK_N, CAUSAL)
         q_row = b * seqlen_q + m_start
@@ -140,6 +180,7 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [row, hk * HEAD_DIM_V], v_ready.index(s), v_smem.index(s))
             it += 1
+        t = _next_item(t, i, ids, id_ready, id_empty, counter, True, DYNAMIC)
         i += 1
 
 
@@ -153,10 +194,11 @@ def _masked_scores(x, j, first_row, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, o_ptr, lse_ptr,
-                 stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                 section, qk_scale, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr):
+def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids, id_ready,
+                 id_empty, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads,
+                 group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr,
+                 PINGPONG: gl.constexpr):
     """One consumer warpgroup (``WG`` 0 or 1): per work item, its 64 query rows against every key tile, two
     GEMMs in flight per step. ``PINGPONG``: the warpgroups issue their GEMMs by turns (``turn``: warpgroup w
     waits on its barrier before issuing, then arrives on the other's; warpgroup 0 goes first), so that one's
@@ -170,8 +212,9 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_emp
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
     it = 0  # key tiles consumed so far (ring slots and phases, turns)
-    i = 0  # work items done (Q's phase)
-    for t in range(gl.program_id(0), total, gl.num_programs(0)):
+    i = 0  # work items done (Q's phase, the item ring's slot)
+    t = gl.program_id(0)
+    while t < total:
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
                                                    section, 2 * HALF, BLOCK_N, CAUSAL)
         row0 = m_start + WG * HALF
@@ -242,15 +285,17 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_emp
         lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + row0
         gl.store(lse_ptr + lse_off + rows, (m_i + gl.log2(l_i)) * 0.6931471805599453)
         it += n_tiles
+        t = _next_item(t, i, ids, id_ready, id_empty, 0, False, DYNAMIC)
         i += 1
 
 
 @gluon.jit
 def _attn_fwd_gluon_kernel(
-    q_desc, k_desc, v_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh,
+    q_desc, k_desc, v_desc, o_ptr, lse_ptr, counter, stride_os, stride_lb, stride_lh,
     batch, nheads, seqlen_q, seqlen_k, group_size, section, qk_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, PINGPONG: gl.constexpr,
+    ID_SLOTS: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """O and LSE of 128 query rows of one head per work item (``_tile``); a program takes items
     ``program_id, program_id + num_programs, ...`` (one each when the grid covers them all; persistent when
@@ -271,6 +316,13 @@ def _attn_fwd_gluon_kernel(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    # DYNAMIC: the producer hands each next work item to the consumers through a ring of ID_SLOTS.
+    ids = gl.allocate_shared_memory(gl.int32, [ID_SLOTS, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    id_ready = gl.allocate_shared_memory(gl.int64, [ID_SLOTS, 1], mbarrier.MBarrierLayout())
+    id_empty = gl.allocate_shared_memory(gl.int64, [ID_SLOTS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(ID_SLOTS):
+        mbarrier.init(id_ready.index(i), count=1)
+        mbarrier.init(id_empty.index(i), count=2)  # both consumer warpgroups read it
     mbarrier.init(q_bar, count=1)
     mbarrier.init(q_empty, count=2)  # both consumer warpgroups release Q
     mbarrier.init(turn.index(0), count=1)
@@ -284,14 +336,16 @@ def _attn_fwd_gluon_kernel(
     # The default partition is the first consumer warpgroup; the workers the second one and the producer.
     gl.warp_specialize([
         (_fwd_consume, (q_smem.index(0), k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                        o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size,
-                        seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, 0, PINGPONG)),
+                        ids, id_ready, id_empty, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh,
+                        nheads, group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL,
+                        DYNAMIC, 0, PINGPONG)),
         (_fwd_consume, (q_smem.index(1), k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                        o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size,
-                        seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, 1, PINGPONG)),
+                        ids, id_ready, id_empty, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh,
+                        nheads, group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL,
+                        DYNAMIC, 1, PINGPONG)),
         (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
-                     v_empty, total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, HEAD_DIM,
-                     HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL)),
+                     v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
+                     seqlen_k, section, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -318,7 +372,9 @@ def gluon_fwd_eligible(q, k, v, out, lse, *, varlen, causal, window, softcap, si
 #   D=64  non-causal 1k 407/303/368, 4k 446/410/413; causal (L2 sections) 1k 221/142/275, 2k 309/206/331,
 #         4k 377/270/379, 8k 435/-/394, 16k 454/405/402
 #   D=128 causal 1k 317/174/250; D=256 causal (L2 sections) 1k 373/263/283, 2k 505/420/361.
-_DEFAULT_MIN_SK = {(64, False): 0, (64, True): 8192, (128, False): 0, (128, True): 0, (256, False): 0,
+#   D=64 causal, dynamic order (fwd-variants-h100-2026-11-24-dynamic.jsonl): 1k 290/142/273, 4k 413/272/380,
+#        16k 465/394/415.
+_DEFAULT_MIN_SK = {(64, False): 0, (64, True): 0, (128, False): 0, (128, True): 0, (256, False): 0,
                    (256, True): 0}
 
 
@@ -348,10 +404,14 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     # Causal: query heads per longest-first section, their K and V (a kv head's shared by ``group`` of them) in
     # cfg.l2_mb.
     section = l2_section(seqlen_k * (d + dv) * q.element_size() // group, batch * nheads, cfg.l2_mb)
+    dynamic = cfg.persistent and cfg.dynamic
+    # The next item's counter: the first item of each program is its own, so it counts from 0.
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else lse
     _attn_fwd_gluon_kernel[grid](
-        _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), out, lse, out.stride(1),
+        _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), out, lse, counter, out.stride(1),
         lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
-        PINGPONG=cfg.pingpong, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+        DYNAMIC=dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong, LOADER_REGS=LOADER_REGS,
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )
 
