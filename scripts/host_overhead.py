@@ -5,11 +5,14 @@ For a few short cells of the FlashAttention benchmark convention (bf16, 16k toke
 host's own time per call (a loop of calls without synchronizing, so the CPU time of one call shows when it
 exceeds the kernel's).
 
-    python scripts/host_overhead.py
+    python scripts/host_overhead.py [--profile]    (--profile: cProfile of 200 API calls of the first cell too)
 """
 
+import cProfile
 import functools
 import math
+import pstats
+import sys
 import time
 
 import torch
@@ -31,7 +34,8 @@ def host_us(fn, n=200):
 
 
 def main():
-    cells = ((64, False, 512), (128, False, 512), (128, True, 1024), (256, False, 1024), (128, False, 16384))
+    cells = ((128, True, 1024), (64, True, 1024), (256, True, 1024), (256, True, 2048), (64, False, 512),
+             (128, False, 1024), (128, False, 16384))
     for d, causal, s in cells:
         b, h = 16384 // s, 2048 // d
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -45,6 +49,10 @@ def main():
             for name, fn in (("api", api), ("direct", direct)):
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 row[name] = f"{flops / ms / 1e9:.0f} TFLOP/s {ms * 1e3:.0f} us, host {host_us(fn):.0f} us"
+            if "--profile" in sys.argv and (d, causal, s) == cells[0]:
+                prof = cProfile.Profile()
+                prof.runcall(host_us, api)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         print(row, flush=True)
 
 

@@ -183,10 +183,19 @@ def test_sweep_with_fake_providers(tmp_path, monkeypatch, capsys):
     rows = plot.load_rows(out)
     assert len(rows) == 2 * 2 * 2 * 2  # S x causal x op x available providers
     timed = [r for r in rows if r["provider"] == "triflash"]
-    assert all(r["median_ms"] == 0.5 and r["tflops"] > 0 for r in timed)
+    assert all(r["median_ms"] == 0.5 and r["tflops"] > 0 and r["runs_ms"] == [0.5] * 3 for r in timed)
     assert all(r["note"] == "NotImplementedError: not this shape" for r in rows if r["provider"] == "cudnn")
     printed = capsys.readouterr().out
     assert "fa3 (ImportError: no such package)" in printed and "n/a cudnn" in printed
+
+
+def test_median_of_runs():
+    """--repeats: the median of the runs' medians; a provider n/a in any run is n/a with that run's reason."""
+    assert cli.median_of_runs([3.0, 1.0, 2.0]) == 2.0 and cli.median_of_runs([1.0, 2.0]) == 1.5
+    assert cli.median_of_runs([1.0, "RuntimeError: x", "OSError: y"]) == "RuntimeError: x"
+    args = cli.parse_args(["--seqlen", "1k,4k"])
+    assert (args.repeats, args.repeat_upto) == (3, 2048)
+    assert cli.parse_args(["--repeats", "1", "--repeat-upto", "4k"]).repeat_upto == 4096
 
 
 def test_cpu_run_reruns_under_the_interpreter(monkeypatch):

@@ -17,7 +17,11 @@ Conventions (those of FlashAttention's own benchmarks): bf16, 16k tokens per bat
 model dim 2048 (``H = 2048 // D``); FLOPs ``2·B·H·S²·(D + Dv)``, halved for causal, exact counts of the
 visible (query, key) pairs for windows; the backward is counted as 2.5x the forward. Times are medians of
 ``triton.testing.do_bench``; the forward runs under ``torch.no_grad``, the backward alone is timed as
-``torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)``.
+``torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)``. Cells up to S = 2k (``--repeat-upto``) are
+timed three times (``--repeats``), the providers in turn, and report the median of the three medians
+(``runs_ms`` in the JSONL): their calls last about as long as the host takes to issue them, so a slow spell
+of the host can halve one timing (H100 host, 2026-11-24: the same backward cell at 156 and 267 TFLOP/s in two
+calls of the same script).
 
 Each subcommand is one entry of ``_COMMANDS`` (arguments, handler, help), so adding one is one entry.
 """
@@ -34,6 +38,7 @@ import itertools
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -270,6 +275,11 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--spin", type=parse_count, default=150,
                      help="ms of back-to-back calls before each timing, to bring the GPU clock up (default 150)")
     run.add_argument("--rep", type=parse_count, default=100, help="do_bench repetition time in ms (default 100)")
+    run.add_argument("--repeats", type=parse_count, default=3,
+                     help="time cells up to --repeat-upto this many times, the providers in turn, and report the "
+                          "median of the medians (default 3; 1 = once)")
+    run.add_argument("--repeat-upto", type=parse_count, default=2048,
+                     help="longest S timed --repeats times (default 2k: the short cells, which vary most)")
     run.add_argument("--check-only", action="store_true", help="run the correctness gate and stop")
     run.add_argument("--no-check", action="store_true", help="skip the correctness gate (prints a warning)")
     run.add_argument("--out", type=Path, default=Path("bench_results.jsonl"),
@@ -763,15 +773,29 @@ def bench_sweep(args: argparse.Namespace, device: str) -> int:
                 count += 1
                 print(f"[{count}/{len(cases)}] {case.label}", file=sys.stderr, flush=True)
                 t = make_inputs(case, args.torch_dtype, device, requires_grad="bwd" in args.ops)
-                for name, (provider, obj) in loaded.items():
-                    results = measure(provider, obj, case, t, args)
-                    rows += [make_row(case, op, name, results[op], args.dtype, env) for op in args.ops]
+                reps = args.repeats if case.seqlen <= args.repeat_upto else 1
+                runs = {name: {op: [] for op in args.ops} for name in loaded}
+                for _ in range(reps):  # the providers in turn, so that a slow spell of the machine hits them all
+                    for name, (provider, obj) in loaded.items():
+                        for op, result in measure(provider, obj, case, t, args).items():
+                            runs[name][op].append(result)
+                for name in loaded:
+                    for op in args.ops:
+                        rows.append(make_row(case, op, name, median_of_runs(runs[name][op]), args.dtype, env))
+                        if reps > 1:
+                            rows[-1]["runs_ms"] = runs[name][op]
                 del t
             fh.writelines(json.dumps(row) + "\n" for row in rows)
             fh.flush()
             print_group(rows, list(loaded), args)
     print(f"results: {args.out.resolve()}")
     return 0
+
+
+def median_of_runs(results: list[float | str]) -> float | str:
+    """The median of a provider's medians over ``--repeats`` runs, or the first reason one run gave (n/a)."""
+    reasons = [r for r in results if not isinstance(r, float)]
+    return reasons[0] if reasons else statistics.median(results)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
