@@ -62,8 +62,8 @@ def _gluon_cfg(name, d, causal):
     for part in name.split("-")[1:]:
         if part in ("pp", "nopp"):
             cfg = dataclasses.replace(cfg, pingpong=part == "pp")
-        elif part in ("ps", "nops"):
-            cfg = dataclasses.replace(cfg, persistent=part == "ps")
+        elif part in ("ps", "nops"):  # one program per item has no dynamic order
+            cfg = dataclasses.replace(cfg, persistent=part == "ps", dynamic=cfg.dynamic and part == "ps")
         elif part in ("dyn", "nodyn"):
             cfg = dataclasses.replace(cfg, dynamic=part == "dyn")
         elif part.startswith("n"):

@@ -3,44 +3,21 @@
 For short cells of the FlashAttention benchmark convention (bf16, 16k tokens, H = 2048 / D): the median of
 ``triton.testing.do_bench`` for ``torch.autograd.grad`` through ``flash_attn_func`` (what the benchmark CLI
 times) and for ``kernels.bwd.attn_bwd`` called directly; the host's own time per call (a loop of calls without
-synchronizing) and one call's with the GPU idle. ``--profile``: cProfile of the first cell's autograd calls.
+synchronizing) and one call's with the GPU idle (``host_overhead.time_cell``). ``--profile``: cProfile of the
+first cell's autograd calls.
 
     python scripts/host_overhead_bwd.py [--profile]
 """
 
-import cProfile
 import functools
 import math
-import pstats
-import statistics
 import sys
-import time
 
 import torch
-import triton
-from host_overhead import host_us
+from host_overhead import time_cell
 
 from triflash import flash_attn_func
 from triflash.kernels.bwd import attn_bwd
-
-
-def call_us(fn, n=50):
-    """Host time of one call with the GPU idle (synchronized before each): what the call itself costs."""
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
-
-
-def synced(fn, n=50):
-    for _ in range(n):
-        torch.cuda.synchronize()
-        fn()
-    torch.cuda.synchronize()
 
 
 def main():
@@ -59,20 +36,8 @@ def main():
             cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None, max_seqlen_q=s, max_seqlen_k=s,
             softmax_scale=1 / math.sqrt(d), window_left=None, window_right=0 if causal else None, softcap=0.0,
             sink=None, deterministic=False)
-        row = dict(d=d, causal=causal, s=s)
-        for name, fn in (("api", api), ("direct", direct)):
-            try:
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                row[name] = (f"{flops / ms / 1e9:.0f} TFLOP/s {ms * 1e3:.0f} us, host {host_us(fn, 50):.0f} us, "
-                             f"one call {call_us(fn):.0f} us")
-            except Exception as exc:  # a signature drift in the direct call: report, go on
-                row[name] = f"{type(exc).__name__}: {str(exc)[:160]}"
-        if "--profile" in sys.argv and (d, causal, s) == cells[0]:
-            prof = cProfile.Profile()
-            prof.runcall(synced, api)
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-        print(row, flush=True)
-
+        time_cell(dict(d=d, causal=causal, s=s), flops, {"api": api, "direct": direct},
+                  profile="--profile" in sys.argv and (d, causal, s) == cells[0])
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,14 @@ def _shapes_ok(q, k, v, causal=False):
     return fwd_gluon.gluon_fwd_shapes_ok(q, k, v, torch.empty_like(q[..., :v.shape[-1]]), lse, causal=causal)
 
 
+def test_gluon_fwd_config_dynamic_needs_persistent():
+    """The dynamic order is a persistent schedule's: a config asking for it with one program per item is refused;
+    the table's causal configs use it."""
+    with pytest.raises(ValueError, match="persistent"):
+        fwd_gluon.GluonFwdConfig(128, 2, dynamic=True)
+    assert all(cfg.dynamic and cfg.persistent for (d, causal), cfg in fwd_gluon._CONFIGS.items() if causal)
+
+
 def test_gluon_fwd_shapes(monkeypatch):
     """What the Gluon forward takes: whole 128-row tiles and key tiles, D = Dv in {64, 128, 256}, 2-byte
     types, packed heads, causal S_q <= S_k; never on the CPU, with softcap, a sink, varlen or a window."""
@@ -85,9 +93,9 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
     if schedule != "table":
-        order = schedule == "persistent-order-flipped"
-        flipped = {key: dataclasses.replace(cfg, persistent=True, pingpong=cfg.pingpong == order,
-                                            dynamic=cfg.dynamic != order)
+        flip_order = schedule == "persistent-order-flipped"  # else flip ping-pong
+        flipped = {key: dataclasses.replace(cfg, persistent=True, dynamic=cfg.dynamic != flip_order,
+                                            pingpong=cfg.pingpong if flip_order else not cfg.pingpong)
                    for key, cfg in fwd_gluon._CONFIGS.items()}
         monkeypatch.setattr(fwd_gluon, "_CONFIGS", flipped)
         monkeypatch.setattr(fwd_gluon, "sm_count", lambda device: 3)

@@ -56,6 +56,10 @@ class GluonFwdConfig:
     l2_mb: int = 16  # causal: the heads taken longest first together hold this much K and V (0: every head)
     dynamic: bool = False  # persistent: each program's next item from an atomic counter (in order, as it frees)
 
+    def __post_init__(self):
+        if self.dynamic and not self.persistent:
+            raise ValueError("GluonFwdConfig: the dynamic order is a persistent schedule's (persistent=True)")
+
 
 # (head dim, causal) -> tile config. Shared memory: Q 2 x 64 x D, K and V STAGES x BLOCK_N x D each (bf16).
 # H100, 2026-11-24, bf16, scripts/hopper_fwd_variants.py (16k tokens, H = 2048 / D), TFLOP/s at S = 1k / 4k / 16k.
@@ -404,14 +408,13 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     # Causal: query heads per longest-first section, their K and V (a kv head's shared by ``group`` of them) in
     # cfg.l2_mb.
     section = l2_section(seqlen_k * (d + dv) * q.element_size() // group, batch * nheads, cfg.l2_mb)
-    dynamic = cfg.persistent and cfg.dynamic
     # The next item's counter: the first item of each program is its own, so it counts from 0.
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else lse
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if cfg.dynamic else lse
     _attn_fwd_gluon_kernel[grid](
         _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), out, lse, counter, out.stride(1),
         lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
-        DYNAMIC=dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong, LOADER_REGS=LOADER_REGS,
+        DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong, LOADER_REGS=LOADER_REGS,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )
 
