@@ -111,3 +111,42 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
         return flash_attn_func(q, k, v, return_lse=True, **spec)
 
     check_against_ref(fn, dict(q=q, k=k, v=v), spec, ref_fp64=False)
+
+
+@pytest.mark.gpu
+def test_fast_launch_gpu(device, monkeypatch):
+    """``launch.launch_cached``: from the second call of a specialization the Gluon forward, the Gluon backward
+    and the backward's preprocess run through their compiled kernels' launchers (cache entries), and give what
+    ``JITFunction.run``'s launches give: out, LSE, dK and dV bitwise, dQ (added with atomics) to rounding; both
+    against the reference."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels run on sm_90")
+    from triflash.kernels import bwd, bwd_gluon, launch
+
+    monkeypatch.setattr(launch, "_COMPILED", {})
+    q, k, v = _inputs((2, 512, 512, 4, 2, 128), torch.bfloat16, device)
+    dout = torch.randn_like(q)
+
+    def run():
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out, lse = flash_attn_func(*leaves, causal=True, return_lse=True)
+        return (out, lse, *torch.autograd.grad(out, leaves, dout))
+
+    monkeypatch.setattr(launch, "FAST_LAUNCH", False)
+    plain = run()
+    assert not launch._COMPILED
+    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+    run()  # fills the cache
+    kernels = {key[0] for key in launch._COMPILED}
+    assert {fwd_gluon._attn_fwd_gluon_kernel, bwd_gluon._attn_bwd_gluon_kernel,
+            bwd._attn_bwd_preprocess_kernel} <= kernels
+    n = len(launch._COMPILED)
+    fast = run()
+    assert len(launch._COMPILED) == n  # no new specialization: the launches took the cached launchers
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), fast, plain):
+        if name == "dq":
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+        else:
+            assert torch.equal(a, b), name
+    check_against_ref(lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_lse=True), dict(q=q, k=k, v=v),
+                      dict(causal=True), ref_fp64=False)

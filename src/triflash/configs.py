@@ -35,11 +35,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _arch(device) -> int:
+_ARCH: dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result
+def device_arch(device) -> int:
+    """``10 * major + minor`` of ``device``'s compute capability (90 on an H100); 0 when interpreting or on CPU.
+    Read once per device: ``torch.cuda.get_device_capability`` costs host time on every call."""
     if interpreting() or device.type != "cuda":
         return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCH:
+        major, minor = torch.cuda.get_device_capability(index)
+        _ARCH[index] = major * 10 + minor
+    return _ARCH[index]
+
 
 
 # Interpreter: small blocks so short test sequences cross block edges; cost there grows with
@@ -162,7 +172,7 @@ def pick_attn_fwd_config(device, d: int, dv: int, dtype, causal: bool, rows: int
     """
     if "fwd" in _OVERRIDE:
         return _OVERRIDE["fwd"]
-    arch = _arch(device)
+    arch = device_arch(device)
     if arch == 0:
         return _INTERP_FWD
     if dtype == torch.float32:  # testing precision: 4-byte tiles take the small rows that fit everywhere
@@ -231,7 +241,7 @@ def use_atomic_dq(device, d: int, dv: int, causal: bool, max_seqlen_k: int) -> b
     """
     if "bwd_atomic" in _OVERRIDE:
         return bool(_OVERRIDE["bwd_atomic"])
-    arch = _arch(device)
+    arch = device_arch(device)
     if arch == 0:
         return True
     bound = next((b for b in (64, 128, 256) if max(d, dv) <= b), None)
@@ -254,7 +264,7 @@ def pick_attn_bwd_config(device, d: int, dv: int, dtype, causal: bool, kernel: s
         return _OVERRIDE["bwd_dq"]
     if "bwd" in _OVERRIDE:
         return _OVERRIDE["bwd"]
-    arch = _arch(device)
+    arch = device_arch(device)
     if arch == 0:
         return _INTERP_BWD
     if dtype == torch.float32:

@@ -204,19 +204,23 @@ def _eager(*tensors):
     tensor, parameter or other subclass). Skipping the dispatch saved ~0.1-0.15 ms of host time per call (H100
     host, torch 2.11, scripts/host_overhead.py: 342-396 -> 138-185 us per call together with the Gluon
     launcher's cached layouts, which took that launcher from ~135 to 48-81 us), which short calls waited on."""
-    return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
+    return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) is torch.Tensor for t in tensors))
 
 
 class _AttnFn(torch.autograd.Function):
-    """The ``triflash::attn_fwd`` op's forward and backward for eager calls (``_eager``), without the dispatch."""
+    """The ``triflash::attn_fwd`` op's forward and backward for eager calls (``_eager``), without the dispatch.
+
+    The forward takes ``ctx`` itself rather than defining ``setup_context``: with ``setup_context``,
+    ``Function.apply`` binds the arguments through ``inspect.signature`` on every call (~40 us of host time per
+    call on a CPU core of the development machine, torch 2.13). Functorch transforms need ``setup_context``;
+    ``_eager`` sends their calls to the ``torch.library`` op, whose autograd has it."""
 
     @staticmethod
-    def forward(*inputs):
-        return _attn_fwd_impl(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def forward(ctx, *inputs):
+        output = _attn_fwd_impl(*inputs)
         _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, dout, dlse):

@@ -22,12 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..configs import atomic_dq_forced, interpreting, pick_attn_bwd_config, use_atomic_dq
+from ..configs import atomic_dq_forced, device_arch, interpreting, pick_attn_bwd_config, use_atomic_dq
 from .bwd_gluon import attn_bwd_gluon, gluon_bwd_eligible
 from .bwd_hopper import attn_bwd_hopper_dkdv, hopper_bwd_eligible
 from .fwd import _pow2, _strides3, input_precision, mask_kind, softmax_args, window_args
 from .fwd_hopper import ensure_scratch_allocator
-from .launch import launch
+from .launch import launch, launch_cached
 from .masking import _block_range, _load_tile, _score_mask, _seq_info
 from .softmax import _scores_log2
 
@@ -328,7 +328,7 @@ def _tiles(cfg):
 
 def tma_reduce_ok(device, d) -> bool:
     """Whether the atomic dQ can use TMA reduce-add: an sm_90 GPU, not the interpreter, 16-byte rows."""
-    return (not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return (not interpreting() and device.type == "cuda" and device_arch(device) // 10 == 9
             and d % 4 == 0)
 
 
@@ -370,8 +370,6 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
         q, k, v, dk, dv, do, varlen=varlen, causal=causal, window=window, force=bool(hopper))
     atomic = not gluon and not hopper and not deterministic and use_atomic_dq(
         q.device, d, dv_dim, window_right is not None, max_seqlen_k)
-    cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None,
-                               "fused" if atomic else "dkdv")
     delta = torch.empty_like(lse)
     dsink_rows = torch.zeros_like(lse) if sink is not None else None
     stride_lb, stride_lh = (0, lse.stride(0)) if varlen_q else (lse.stride(0), lse.stride(1))
@@ -379,7 +377,8 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
     seqlen_k_pad = k.shape[1] if not varlen_k else 0
     dummy = q
     if max_seqlen_q > 0:
-        _attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, 64), nheads, batch)](
+        launch_cached(
+            _attn_bwd_preprocess_kernel, (triton.cdiv(max_seqlen_q, 64), nheads, batch),
             out, do, lse, dlse if dlse is not None else dummy, delta,
             sink if sink is not None else dummy, dsink_rows if sink is not None else dummy,
             cu_seqlens_q if varlen_q else dummy,
@@ -418,6 +417,8 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
             ensure_scratch_allocator()
     dq_rows = dq_acc.shape[0] if varlen_q else dq_acc.shape[0] * dq_acc.shape[1]
     if max_seqlen_k > 0 and not hopper and not gluon:
+        cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None,
+                                   "fused" if atomic else "dkdv")
         launch(
             _attn_bwd_dkdv_kernel, (triton.cdiv(max_seqlen_k, cfg.block_n), nheads_k, batch),
             q, k, v, do, lse, delta, dk, dv, dq_acc, sink if sink is not None else dummy,

@@ -44,11 +44,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..configs import interpreting
+from ..configs import device_arch, interpreting
 from .fwd_hopper import _tma_ok
-from .launch import l2_section
+from .launch import TmaDesc, l2_section, launch_cached
 
 BLOCK_M = 64
 BLOCK_N = 128
@@ -461,7 +460,7 @@ def gluon_switch(env, q, seqlen_k, min_seqlen_k) -> bool:
     mode = os.environ.get(env, "auto")
     if mode == "0" or interpreting() or q.device.type != "cuda":
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    if device_arch(q.device) // 10 != 9:
         return False
     return mode == "1" or seqlen_k >= min_seqlen_k
 
@@ -512,7 +511,7 @@ def _smem_layout(rows, d, dtype):
 def _desc(x, rows):
     """A TMA descriptor over the ``(B * S, H * D)`` view of a packed ``(B, S, H, D)`` tensor."""
     b, s, h, d = x.shape
-    return TensorDescriptor(x, [b * s, h * d], [x.stride(1), 1], [rows, d], _smem_layout(rows, d, x.dtype))
+    return TmaDesc(x, (b * s, h * d), (x.stride(1), 1), (rows, d), _smem_layout(rows, d, x.dtype))
 
 
 def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax_scale, causal):
@@ -526,7 +525,8 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
     head_bytes = seqlen_q * group * (d * (q.element_size() + 4) + dv_dim * do.element_size())
     section = l2_section(head_bytes, batch * nheads_k, L2_MB)
     block_n, stages = gluon_bwd_tiles(d)
-    _attn_bwd_gluon_kernel[(batch * nheads_k * (seqlen_k // block_n),)](
+    launch_cached(
+        _attn_bwd_gluon_kernel, (batch * nheads_k * (seqlen_k // block_n),),
         _desc(q, BLOCK_M), _desc(k, block_n), _desc(v, block_n), _desc(do, BLOCK_M), _desc(dq_acc, BLOCK_M), lse,
         delta, dk, dv, dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
         batch, nheads_k, seqlen_q, seqlen_k, group, section, qk_scale, softmax_scale,

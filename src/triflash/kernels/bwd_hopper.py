@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..configs import interpreting, pick_attn_bwd_hopper_config
+from ..configs import device_arch, interpreting, pick_attn_bwd_hopper_config
 from .fwd_hopper import _tma_ok, ensure_scratch_allocator
 from .launch import l2_section
 from .softmax import _scores_unscaled
@@ -148,7 +148,7 @@ def hopper_bwd_eligible(q, k, v, dk, dv, do, *, varlen, causal, window, force=Fa
     if not force:
         if os.environ.get("TRIFLASH_HOPPER_BWD", "auto") == "0" or interpreting() or q.device.type != "cuda":
             return False
-        if torch.cuda.get_device_capability(q.device)[0] != 9:
+        if device_arch(q.device) // 10 != 9:
             return False
     d, dv_dim = q.shape[-1], v.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128) or dv_dim != d:

@@ -39,7 +39,7 @@ from ..configs import sm_count
 from .bwd_gluon import _desc, _sectioned, gluon_switch
 from .fwd import fwd_softmax_args
 from .fwd_hopper import _tma_ok
-from .launch import l2_section
+from .launch import l2_section, launch_cached
 
 BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
 LOADER_REGS = 24  # the TMA producer's register budget (setmaxnreg)
@@ -410,7 +410,8 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     section = l2_section(seqlen_k * (d + dv) * q.element_size() // group, batch * nheads, cfg.l2_mb)
     # The next item's counter: the first item of each program is its own, so it counts from 0.
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if cfg.dynamic else lse
-    _attn_fwd_gluon_kernel[grid](
+    launch_cached(
+        _attn_fwd_gluon_kernel, grid,
         _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), out, lse, counter, out.stride(1),
         lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..configs import interpreting, pick_attn_fwd_hopper_config
+from ..configs import device_arch, interpreting, pick_attn_fwd_hopper_config
 from .fwd import fwd_softmax_args, mask_kind
 from .masking import _score_mask
 from .softmax import _online_softmax, _scores_unscaled, _softmax_finish
@@ -187,7 +187,7 @@ def hopper_fwd_eligible(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seq
     mode = os.environ.get("TRIFLASH_HOPPER", "auto")
     if mode == "0" or interpreting() or q.device.type != "cuda":
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    if device_arch(q.device) // 10 != 9:
         return False
     causal, window = mask_kind(window_left, window_right)
     if window or any(x is not None for x in (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k)):
