@@ -130,11 +130,14 @@ def all_cases(dtype):
 
 
 def main():
-    """Every case per dtype; ``SANITIZE_ONLY=gluon_fwd`` / ``gluon``: the Gluon forward's cases alone / both
-    Gluon kernels' (shorter runs)."""
+    """Every case per dtype, then the Gluon cases again (cached launches); ``SANITIZE_ONLY=gluon_fwd`` /
+    ``gluon``: the Gluon forward's cases alone / both Gluon kernels' (shorter runs)."""
     cases = {"gluon_fwd": gluon_fwd_cases, "gluon": gluon_cases}.get(os.environ.get("SANITIZE_ONLY", ""), all_cases)
     dtypes = (torch.float16, torch.bfloat16) if DEV == "cuda" else (torch.float16,)
     errs = [e for dtype in dtypes for e in cases(dtype)]
+    # The Gluon kernels' cases once more: same specializations, so these launches take launch_cached's path
+    # (the compiled kernels' launchers called directly) instead of JITFunction.run's.
+    errs += [e for dtype in dtypes for e in (gluon_fwd_cases if cases is gluon_fwd_cases else gluon_cases)(dtype)]
     if DEV == "cuda":
         torch.cuda.synchronize()
     bad = [e for e in errs if not e < 0.05]

@@ -10,7 +10,9 @@ go straight to the fallback instead of re-running ptxas.
 ``launch_cached`` launches a kernel through its compiled kernel's launcher once a call with the same
 specialization has been made, skipping what ``JITFunction.run`` does on every call (binding the arguments,
 formatting their specialization, looking up the cache key); ``TmaDesc`` is a host TMA descriptor without
-Gluon's per-call checks. Together they took ... (see ``launch_cached``).
+Gluon's per-call checks. Host time per call on the H100 host (scripts/host_breakdown.py, 2026-11-25): the Gluon
+forward's launcher 78.6 -> 42.8 us, the Gluon backward's 124 -> 60 us (the compiled kernel's launcher alone:
+16 us; ``JITFunction.run``: 32 us, and it builds launch metadata for Triton 3.6's default, empty, ``HookChain``).
 """
 
 from __future__ import annotations
