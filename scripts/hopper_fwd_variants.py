@@ -57,7 +57,8 @@ def _hopper(q, k, v, out, lse, scale, causal, kw, cfg, diag=None):
 def _gluon_cfg(name, d, causal):
     """``gluon``, ``gluon-n64``, ``gluon-s3``, ``gluon-n64-s3-pp-ps``: the Gluon forward with its table config or
     the key tile (``n``), stages (``s``), causal L2 section in MB (``l``, 0: none), ping-pong
-    on (``pp``) or off (``nopp``), persistent (``ps``) or not (``nops``), dynamic order (``dyn``/``nodyn``) given."""
+    on (``pp``) or off (``nopp``), persistent (``ps``) or not (``nops``), dynamic order (``dyn``/``nodyn``), the
+    next item's first GEMM overlapped with the last (``ov``/``noov``) given."""
     cfg = fwd_gluon.gluon_fwd_config(d, causal)
     for part in name.split("-")[1:]:
         if part in ("pp", "nopp"):
@@ -66,6 +67,8 @@ def _gluon_cfg(name, d, causal):
             cfg = dataclasses.replace(cfg, persistent=part == "ps", dynamic=cfg.dynamic and part == "ps")
         elif part in ("dyn", "nodyn"):
             cfg = dataclasses.replace(cfg, dynamic=part == "dyn")
+        elif part in ("ov", "noov"):
+            cfg = dataclasses.replace(cfg, overlap=part == "ov")
         elif part.startswith("n"):
             cfg = dataclasses.replace(cfg, block_n=int(part[1:]))
         elif part.startswith("l"):

@@ -79,7 +79,7 @@ def test_compile_sm90_gluon_fwd():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("schedule", ["table", "persistent", "persistent-order-flipped"])
+@pytest.mark.parametrize("schedule", ["table", "persistent", "persistent-order-flipped", "persistent-overlap"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
@@ -88,15 +88,21 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
     the work items (several each, of different lengths under causal), ping-pong flipped from the table's,
     causal items longest first within L2 sections of at most two heads (causal-d64: two, then one), each
     program's next item as the table has it (causal: taken from the atomic counter; non-causal: a stride of
-    programs); ``persistent-order-flipped``: the same with the table's ping-pong and the other order."""
+    programs); ``persistent-order-flipped``: the same with the table's ping-pong and the other order;
+    ``persistent-overlap``: three programs with the table's order and ping-pong, each next item's first GEMM
+    issued with the previous item's last (D = 256 has no room for the second Q buffer: table config)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
-    if schedule != "table":
+    if schedule == "persistent-overlap":
+        flipped = {key: dataclasses.replace(cfg, persistent=True, overlap=key[0] != 256)
+                   for key, cfg in fwd_gluon._CONFIGS.items()}
+    elif schedule != "table":
         flip_order = schedule == "persistent-order-flipped"  # else flip ping-pong
         flipped = {key: dataclasses.replace(cfg, persistent=True, dynamic=cfg.dynamic != flip_order,
                                             pingpong=cfg.pingpong if flip_order else not cfg.pingpong)
                    for key, cfg in fwd_gluon._CONFIGS.items()}
+    if schedule != "table":
         monkeypatch.setattr(fwd_gluon, "_CONFIGS", flipped)
         monkeypatch.setattr(fwd_gluon, "sm_count", lambda device: 3)
         monkeypatch.setattr(fwd_gluon, "l2_section", lambda head_bytes, n_heads, l2_mb: min(2, n_heads))

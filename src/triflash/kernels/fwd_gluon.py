@@ -55,6 +55,7 @@ class GluonFwdConfig:
     persistent: bool = False  # one program per SM walking the work items (else one program per item)
     l2_mb: int = 16  # causal: the heads taken longest first together hold this much K and V (0: every head)
     dynamic: bool = False  # persistent: each program's next item from an atomic counter (in order, as it frees)
+    overlap: bool = False  # the next item's first S GEMM with this item's last P V (two Q buffers)
 
     def __post_init__(self):
         if self.dynamic and not self.persistent:
@@ -91,10 +92,17 @@ class GluonFwdConfig:
 #   during this item's last GEMMs): within 3% either way, not kept. A static stride with odd rounds reversed
 #   (another run): D=128 286/385/422, D=256 285/391/427. Non-causal, dynamic against the static stride: D=64
 #   408/457/474 vs 407/454/477, D=128 530/623/629 vs 529/609/660, D=256 528/664/676 vs 543/651/665: static kept.
+# The next item's first S GEMM issued with the current item's last P V (overlap, a second Q buffer; D = 256 has
+# no room for it), H100 2026-11-25, kernel launched directly, off -> on, TFLOP/s (cuDNN 1k ~550):
+#   D=128 non-causal, three runs: 512 423/421/420 -> 424/426/424, 1k 500/492/483 -> 503/502/502, 2k 581/529/540 ->
+#         579/558/559, 4k 568/575/567 -> 589/584/584; another run 1k / 4k / 16k 493/592/609 -> 517/596/607.
+#   That run, the others at 1k / 4k / 16k: D=128 causal 373/540/623 -> 355/523/597; D=64 non-causal 401/439/458 ->
+#         395/431/435, causal 296/405/453 -> 276/404/437 (the D=64 causal build spills in its loops): off there.
+#   docs/results/fwd-variants-h100-2026-11-25-overlap*.jsonl.
 _CONFIGS = {
     (64, False): GluonFwdConfig(128, 3, persistent=True),
     (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
-    (128, False): GluonFwdConfig(128, 2, persistent=True),
+    (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True),
     (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True),
     (256, False): GluonFwdConfig(64, 2, persistent=True),
     (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True),
@@ -168,10 +176,13 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
         q_row = b * seqlen_q + m_start
         k_row0 = b * seqlen_k
         # A fresh barrier counts its phase "before 0" as complete: the first pass does not wait.
-        mbarrier.wait(q_empty, (i & 1) ^ 1)
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row, h * HEAD_DIM], q_bar, q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [q_row + HALF, h * HEAD_DIM], q_bar, q_smem.index(1))
+        QB: gl.constexpr = q_bar.shape[0]  # Q buffers: the item's halves go to 2 * (i % QB) and the next
+        qb = i % QB
+        mbarrier.wait(q_empty.index(qb), ((i // QB) & 1) ^ 1)
+        mbarrier.expect(q_bar.index(qb), 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, h * HEAD_DIM], q_bar.index(qb), q_smem.index(2 * qb))
+        tma.async_copy_global_to_shared(q_desc, [q_row + HALF, h * HEAD_DIM], q_bar.index(qb),
+                                        q_smem.index(2 * qb + 1))
         for j in range(n_tiles):
             s = it % STAGES
             # K's slot is released as soon as both consumers' S GEMMs have read it, V's once their P V GEMMs have.
@@ -198,16 +209,117 @@ def _masked_scores(x, j, first_row, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _first_tile(q_view, k_smem, k_ready, k_empty, q_free, it, n_tiles, n_free, first_row, zero_s, qk_scale,
+                STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """An item's first key tile (ring position ``it``), its GEMM alone: the scores' running max and sum and P.
+    ``q_free``: Q's barrier, released here when this is the item's only tile."""
+    s = it % STAGES
+    mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
+    x = warpgroup_mma(q_view, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    x = warpgroup_mma_wait(0, deps=[x])
+    mbarrier.arrive(k_empty.index(s))
+    if n_tiles == 1:
+        mbarrier.arrive(q_free)
+    return _first_softmax(x, n_free, first_row, qk_scale, BLOCK_N, CAUSAL)
+
+
+@gluon.jit
+def _first_softmax(x, n_free, first_row, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Running max, sum and P of an item's first key tile's scores ``x``."""
+    if CAUSAL:
+        if n_free == 0:
+            x = _masked_scores(x, 0, first_row, BLOCK_N)
+    m_i = gl.max(x, 1) * qk_scale
+    p = gl.exp2(x * qk_scale - m_i[:, None])
+    return m_i, gl.sum(p, 1), p
+
+
+@gluon.jit
+def _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it, n_tiles, n_free,
+               first_row, m_i, l_i, p, acc, zero_s, qk_scale, p_layout: gl.constexpr, STAGES: gl.constexpr,
+               BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """Key tiles 1 .. n_tiles - 1 of an item whose tile 0 is ring position ``it``: S of tile j and O += P V of
+    tile j - 1 on the tensor cores together, the softmax of tile j while P V runs. ``PINGPONG``: the warpgroups
+    issue their GEMMs by turns. Returns the softmax state and O before the last tile's P V."""
+    o_layout: gl.constexpr = acc.type.layout
+    dtype: gl.constexpr = q_view.dtype
+    for j in range(1, n_tiles):
+        cur = it + j
+        s = cur % STAGES
+        prev = (cur - 1) % STAGES
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(k_ready.index(s), (cur // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((cur - 1) // STAGES) & 1)
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), ((cur - 1) & 1) ^ (1 - WG))
+        x = warpgroup_mma(q_view, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG))
+        x = warpgroup_mma_wait(1, deps=[x])
+        mbarrier.arrive(k_empty.index(s))
+        if j == n_tiles - 1:  # the last S GEMM has read Q: the producer may load an item into its buffer
+            mbarrier.arrive(q_free)
+        if CAUSAL:
+            if j >= n_free:
+                x = _masked_scores(x, j, first_row, BLOCK_N)
+        m_new = gl.maximum(m_i, gl.max(x, 1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(x * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
+        mbarrier.arrive(v_empty.index(prev))
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    return m_i, l_i, p, acc
+
+
+@gluon.jit
+def _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout: gl.constexpr, STAGES: gl.constexpr,
+             WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """O += P V of an item's last key tile (ring position ``last``), alone."""
+    p16 = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (last & 1) ^ (1 - WG))
+    acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+    acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
+    mbarrier.arrive(v_empty.index(last % STAGES))
+    return acc
+
+
+@gluon.jit
+def _fwd_epilogue(acc, m_i, l_i, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb, stride_lh,
+                  s_layout: gl.constexpr, dtype: gl.constexpr):
+    """O / l and the LSE (natural log) of the warpgroup's rows, from registers."""
+    HALF: gl.constexpr = acc.shape[0]
+    HEAD_DIM_V: gl.constexpr = acc.shape[1]
+    o_layout: gl.constexpr = acc.type.layout
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    o_rows = (b * seqlen_q + row0).to(gl.int64) + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+    o_cols = h * HEAD_DIM_V + gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, o_layout))
+    gl.store(o_ptr + (o_rows * stride_os)[:, None] + o_cols[None, :], (acc / l_o[:, None]).to(dtype))
+    rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+    lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + row0
+    gl.store(lse_ptr + lse_off + rows, (m_i + gl.log2(l_i)) * 0.6931471805599453)
+
+
+@gluon.jit
 def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids, id_ready,
                  id_empty, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads,
                  group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr,
-                 PINGPONG: gl.constexpr):
-    """One consumer warpgroup (``WG`` 0 or 1): per work item, its 64 query rows against every key tile, two
-    GEMMs in flight per step. ``PINGPONG``: the warpgroups issue their GEMMs by turns (``turn``: warpgroup w
-    waits on its barrier before issuing, then arrives on the other's; warpgroup 0 goes first), so that one's
-    softmax runs while the other's GEMMs do."""
-    HALF: gl.constexpr = q_smem.shape[0]
+                 PINGPONG: gl.constexpr, OVERLAP: gl.constexpr):
+    """One consumer warpgroup (``WG`` 0 or 1): per work item, its 64 query rows (Q halves ``2 * buffer + WG``)
+    against every key tile, two GEMMs in flight per step (``_key_tiles``). ``PINGPONG``: the warpgroups issue
+    their GEMMs by turns (``turn``: warpgroup w waits on its barrier before issuing, then arrives on the
+    other's; warpgroup 0 goes first), so that one's softmax runs while the other's GEMMs do. ``OVERLAP`` (two Q
+    buffers): the next item's first S GEMM goes to the tensor cores with this item's last P V, and its softmax
+    runs while that P V does, instead of each running alone."""
+    HALF: gl.constexpr = q_smem.shape[1]
+    QB: gl.constexpr = q_bar.shape[0]
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -215,81 +327,71 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_emp
                                                        instr_shape=[16, HEAD_DIM_V, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    off = seqlen_k - seqlen_q
     it = 0  # key tiles consumed so far (ring slots and phases, turns)
-    i = 0  # work items done (Q's phase, the item ring's slot)
+    i = 0  # work items done (Q's buffer and phase, the item ring's slot)
     t = gl.program_id(0)
+    if OVERLAP:  # the first item's first tile; the later items' come with the previous item's last P V
+        m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
+                                                   section, 2 * HALF, BLOCK_N, CAUSAL)
+        mbarrier.wait(q_bar.index(0), 0)
+        m_i, l_i, p = _first_tile(q_smem.index(WG), k_smem, k_ready, k_empty, q_empty.index(0), 0, n_tiles,
+                                  n_free, m_start + WG * HALF + off, zero_s, qk_scale, STAGES, BLOCK_N, CAUSAL)
     while t < total:
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
                                                    section, 2 * HALF, BLOCK_N, CAUSAL)
         row0 = m_start + WG * HALF
-        first_row = row0 + seqlen_k - seqlen_q
-        mbarrier.wait(q_bar, i & 1)
-        # The first key tile: scores, running max and sum.
-        s = it % STAGES
-        mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
-        x = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        x = warpgroup_mma_wait(0, deps=[x])
-        mbarrier.arrive(k_empty.index(s))
-        if n_tiles == 1:
-            mbarrier.arrive(q_empty)
-        if CAUSAL:
-            if n_free == 0:
-                x = _masked_scores(x, 0, first_row, BLOCK_N)
-        m_i = gl.max(x, 1) * qk_scale
-        p = gl.exp2(x * qk_scale - m_i[:, None])
-        l_i = gl.sum(p, 1)
+        qb = i % QB
+        q_view = q_smem.index(2 * qb + WG)
+        if not OVERLAP:
+            mbarrier.wait(q_bar.index(qb), (i // QB) & 1)
+            m_i, l_i, p = _first_tile(q_view, k_smem, k_ready, k_empty, q_empty.index(qb), it, n_tiles, n_free,
+                                      row0 + off, zero_s, qk_scale, STAGES, BLOCK_N, CAUSAL)
         acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
-        for j in range(1, n_tiles):
-            cur = it + j
-            s = cur % STAGES
-            prev = (cur - 1) % STAGES
-            # S of tile j and O += P V of tile j - 1 on the tensor cores together.
-            p16 = gl.convert_layout(p.to(dtype), p_layout)
-            mbarrier.wait(k_ready.index(s), (cur // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((cur - 1) // STAGES) & 1)
-            if PINGPONG:
-                mbarrier.wait(turn.index(WG), ((cur - 1) & 1) ^ (1 - WG))
-            x = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - WG))
-            x = warpgroup_mma_wait(1, deps=[x])
-            mbarrier.arrive(k_empty.index(s))
-            if j == n_tiles - 1:  # the last S GEMM has read Q: the producer may load the next item's
-                mbarrier.arrive(q_empty)
-            if CAUSAL:
-                if j >= n_free:
-                    x = _masked_scores(x, j, first_row, BLOCK_N)
-            # The softmax of tile j while P V of tile j - 1 runs.
-            m_new = gl.maximum(m_i, gl.max(x, 1) * qk_scale)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(x * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
-            mbarrier.arrive(v_empty.index(prev))
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_empty.index(qb),
+                                      turn, it, n_tiles, n_free, row0 + off, m_i, l_i, p, acc, zero_s, qk_scale,
+                                      p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG)
         last = it + n_tiles - 1
-        p16 = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        if PINGPONG:
-            mbarrier.wait(turn.index(WG), (last & 1) ^ (1 - WG))
-        acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - WG))
-        acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
-        mbarrier.arrive(v_empty.index(last % STAGES))
-
-        # Epilogue: O / l and the LSE (natural log) from registers, while the producer loads the next item.
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        o_rows = (b * seqlen_q + row0).to(gl.int64) + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
-        o_cols = h * HEAD_DIM_V + gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, o_layout))
-        gl.store(o_ptr + (o_rows * stride_os)[:, None] + o_cols[None, :], (acc / l_o[:, None]).to(dtype))
-        rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
-        lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + row0
-        gl.store(lse_ptr + lse_off + rows, (m_i + gl.log2(l_i)) * 0.6931471805599453)
+        t_next = _next_item(t, i, ids, id_ready, id_empty, 0, False, DYNAMIC)
+        if OVERLAP:
+            if t_next < total:
+                # The next item's first S GEMM with this item's last P V (one turn), its softmax while P V runs.
+                m_2, b_2, h_2, hk_2, n_tiles_2, n_free_2 = _tile(t_next, tiles_m, n_bh, nheads, group_size,
+                                                                 seqlen_q, seqlen_k, section, 2 * HALF, BLOCK_N,
+                                                                 CAUSAL)
+                qn = (i + 1) % QB
+                nxt = last + 1
+                p16 = gl.convert_layout(p.to(dtype), p_layout)
+                mbarrier.wait(q_bar.index(qn), ((i + 1) // QB) & 1)
+                mbarrier.wait(k_ready.index(nxt % STAGES), (nxt // STAGES) & 1)
+                mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+                if PINGPONG:
+                    mbarrier.wait(turn.index(WG), (last & 1) ^ (1 - WG))
+                x = warpgroup_mma(q_smem.index(2 * qn + WG), k_smem.index(nxt % STAGES).permute((1, 0)), zero_s,
+                                  use_acc=False, is_async=True)
+                acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index(1 - WG))
+                x = warpgroup_mma_wait(1, deps=[x])
+                mbarrier.arrive(k_empty.index(nxt % STAGES))
+                if n_tiles_2 == 1:
+                    mbarrier.arrive(q_empty.index(qn))
+                m_n, l_n, p_n = _first_softmax(x, n_free_2, m_2 + WG * HALF + off, qk_scale, BLOCK_N, CAUSAL)
+                acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
+                mbarrier.arrive(v_empty.index(last % STAGES))
+            else:
+                acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout, STAGES, WG, PINGPONG)
+                m_n, l_n, p_n = m_i, l_i, p
+            _fwd_epilogue(acc, m_i, l_i, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb, stride_lh,
+                          s_layout, dtype)
+            m_i, l_i, p = m_n, l_n, p_n
+        else:
+            acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout, STAGES, WG, PINGPONG)
+            # The epilogue from registers, while the producer loads the next item.
+            _fwd_epilogue(acc, m_i, l_i, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb, stride_lh,
+                          s_layout, dtype)
         it += n_tiles
-        t = _next_item(t, i, ids, id_ready, id_empty, 0, False, DYNAMIC)
+        t = t_next
         i += 1
 
 
@@ -298,7 +400,7 @@ def _attn_fwd_gluon_kernel(
     q_desc, k_desc, v_desc, o_ptr, lse_ptr, counter, stride_os, stride_lb, stride_lh,
     batch, nheads, seqlen_q, seqlen_k, group_size, section, qk_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, PINGPONG: gl.constexpr,
+    CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
     ID_SLOTS: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """O and LSE of 128 query rows of one head per work item (``_tile``); a program takes items
@@ -310,11 +412,12 @@ def _attn_fwd_gluon_kernel(
     total = tiles_m * n_bh
 
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], q_desc.layout)
+    QB: gl.constexpr = 2 if OVERLAP else 1  # Q buffers (two halves each)
+    q_smem = gl.allocate_shared_memory(dtype, [2 * QB, HALF, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM_V], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -327,8 +430,9 @@ def _attn_fwd_gluon_kernel(
     for i in gl.static_range(ID_SLOTS):
         mbarrier.init(id_ready.index(i), count=1)
         mbarrier.init(id_empty.index(i), count=2)  # both consumer warpgroups read it
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(q_empty, count=2)  # both consumer warpgroups release Q
+    for i in gl.static_range(QB):
+        mbarrier.init(q_bar.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # both consumer warpgroups release Q
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     for i in gl.static_range(STAGES):
@@ -339,14 +443,14 @@ def _attn_fwd_gluon_kernel(
 
     # The default partition is the first consumer warpgroup; the workers the second one and the producer.
     gl.warp_specialize([
-        (_fwd_consume, (q_smem.index(0), k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+        (_fwd_consume, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
                         ids, id_ready, id_empty, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh,
                         nheads, group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL,
-                        DYNAMIC, 0, PINGPONG)),
-        (_fwd_consume, (q_smem.index(1), k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                        DYNAMIC, 0, PINGPONG, OVERLAP)),
+        (_fwd_consume, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
                         ids, id_ready, id_empty, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh,
                         nheads, group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL,
-                        DYNAMIC, 1, PINGPONG)),
+                        DYNAMIC, 1, PINGPONG, OVERLAP)),
         (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                      v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
                      seqlen_k, section, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC)),
@@ -415,7 +519,7 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
         _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), out, lse, counter, out.stride(1),
         lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
-        DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong, LOADER_REGS=LOADER_REGS,
+        DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong, OVERLAP=cfg.overlap, LOADER_REGS=LOADER_REGS,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )
 
