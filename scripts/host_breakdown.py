@@ -50,7 +50,8 @@ def pieces(d, causal):
     yield "bwd: torch.autograd.grad", lambda: torch.autograd.grad(og, (qg, kg, vg), dout, retain_graph=True)
     yield "bwd:   attn_bwd", lambda: bwd.attn_bwd(dout, q, k, v, out, lse, None, dq, dk, dv, **bwd_kw)
     yield "bwd:     attn_bwd_gluon", lambda: bwd_gluon.attn_bwd_gluon(
-        dout, q, k, v, lse, delta, dq_acc, dk, dv, qk_scale=scale * 1.4427, softmax_scale=scale, causal=causal)
+        dout, q, k, v, lse, delta, dq_acc, dk, dv, qk_scale=scale * math.log2(math.e), softmax_scale=scale,
+        causal=causal)
     yield "bwd:     torch.zeros (dQ accumulator)", lambda: torch.zeros(q.shape, device="cuda", dtype=torch.float32)
     yield "bwd:     torch.mul (dq = acc * scale)", lambda: torch.mul(dq_acc, scale, out=dq)
 

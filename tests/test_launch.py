@@ -153,3 +153,14 @@ def test_launch_cached_without_a_jit_kernel_launches_plainly():
     (grid, args, kwargs), = seen
     assert grid == (2,) and args[1] == 7 and kwargs == {"BLOCK": 4} and args[0].base is x
     assert type(args[0]).__name__ == "TensorDescriptor"
+
+
+def test_hooked_reads_an_empty_hook_chain_as_unset():
+    """Triton 3.6's default launch hooks are an empty ``HookChain``: the fast path must not count it as a hook
+    (it did once, and every launch went back through ``JITFunction.run``), but must count one with a call."""
+    from triton.knobs import HookChain
+
+    chain = HookChain()
+    assert not launch_mod._hooked(None) and not launch_mod._hooked(chain)
+    chain.add(print)
+    assert launch_mod._hooked(chain) and launch_mod._hooked(print)

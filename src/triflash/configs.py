@@ -51,7 +51,6 @@ def device_arch(device) -> int:
     return _ARCH[index]
 
 
-
 # Interpreter: small blocks so short test sequences cross block edges; cost there grows with
 # programs x iterations, not FLOPs.
 _INTERP_FWD = AttnFwdConfig(32, 32, 4, 1)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..configs import atomic_dq_forced, device_arch, interpreting, pick_attn_bwd_config, use_atomic_dq
+from ..configs import atomic_dq_forced, device_arch, pick_attn_bwd_config, use_atomic_dq
 from .bwd_gluon import attn_bwd_gluon, gluon_bwd_eligible
 from .bwd_hopper import attn_bwd_hopper_dkdv, hopper_bwd_eligible
 from .fwd import _pow2, _strides3, input_precision, mask_kind, softmax_args, window_args
@@ -328,8 +328,7 @@ def _tiles(cfg):
 
 def tma_reduce_ok(device, d) -> bool:
     """Whether the atomic dQ can use TMA reduce-add: an sm_90 GPU, not the interpreter, 16-byte rows."""
-    return (not interpreting() and device.type == "cuda" and device_arch(device) // 10 == 9
-            and d % 4 == 0)
+    return device_arch(device) // 10 == 9 and d % 4 == 0  # device_arch: 0 when interpreting or off CUDA
 
 
 def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,

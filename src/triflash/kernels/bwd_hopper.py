@@ -146,10 +146,8 @@ def hopper_bwd_eligible(q, k, v, dk, dv, do, *, varlen, causal, window, force=Fa
     if varlen or window:
         return False
     if not force:
-        if os.environ.get("TRIFLASH_HOPPER_BWD", "auto") == "0" or interpreting() or q.device.type != "cuda":
-            return False
-        if device_arch(q.device) // 10 != 9:
-            return False
+        if os.environ.get("TRIFLASH_HOPPER_BWD", "auto") == "0" or device_arch(q.device) // 10 != 9:
+            return False  # device_arch: 0 when interpreting or off CUDA
     d, dv_dim = q.shape[-1], v.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128) or dv_dim != d:
         return False
