@@ -58,7 +58,8 @@ def _gluon_cfg(name, d, causal):
     """``gluon``, ``gluon-n64``, ``gluon-s3``, ``gluon-n64-s3-pp-ps``: the Gluon forward with its table config or
     the key tile (``n``), stages (``s``), causal L2 section in MB (``l``, 0: none), ping-pong
     on (``pp``) or off (``nopp``), persistent (``ps``) or not (``nops``), dynamic order (``dyn``/``nodyn``), the
-    next item's first GEMM overlapped with the last (``ov``/``noov``) given."""
+    next item's first GEMM overlapped with the last (``ov``/``noov``), Q buffers (``q1``/``q2``), O by TMA or
+    from registers (``otma``/``noot``) given."""
     cfg = fwd_gluon.gluon_fwd_config(d, causal)
     for part in name.split("-")[1:]:
         if part in ("pp", "nopp"):
@@ -68,7 +69,11 @@ def _gluon_cfg(name, d, causal):
         elif part in ("dyn", "nodyn"):
             cfg = dataclasses.replace(cfg, dynamic=part == "dyn")
         elif part in ("ov", "noov"):
-            cfg = dataclasses.replace(cfg, overlap=part == "ov")
+            cfg = dataclasses.replace(cfg, overlap=part == "ov", q_buffers=2 if part == "ov" else cfg.q_buffers)
+        elif part in ("q1", "q2"):
+            cfg = dataclasses.replace(cfg, q_buffers=int(part[1]))
+        elif part in ("otma", "noot"):
+            cfg = dataclasses.replace(cfg, o_tma=part == "otma")
         elif part.startswith("n"):
             cfg = dataclasses.replace(cfg, block_n=int(part[1:]))
         elif part.startswith("l"):
@@ -83,7 +88,7 @@ def _cudnn(qt, kt, vt, causal):
         return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
 
 
-def run_cell(d, causal, s, variants, dev="cuda"):
+def run_cell(d, causal, s, variants, dev="cuda", portable=True):
     b, h = 16384 // s, 2048 // d
     gen = torch.Generator(device=dev).manual_seed(s + d)
     q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(3))
@@ -96,7 +101,7 @@ def run_cell(d, causal, s, variants, dev="cuda"):
     provs = {"portable": functools.partial(
         attn_fwd, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
         max_seqlen_q=s, max_seqlen_k=s, softmax_scale=scale, window_left=None,
-        window_right=0 if causal else None, softcap=0.0, sink=None)}
+        window_right=0 if causal else None, softcap=0.0, sink=None)} if portable else {}
     for name in variants:
         if name.startswith("gluon"):
             cfg = _gluon_cfg(name, d, causal)
@@ -184,8 +189,9 @@ def sweep_parser(out, seqlens):
 def main():
     ap = sweep_parser("hopper_fwd_variants.jsonl", "1024,2048,4096,8192,16384")
     ap.add_argument("--variants", default="ws,ws-nolpt,ws-inloop,ws-s1,ws-s2")
+    ap.add_argument("--no-portable", action="store_true", help="leave the portable forward out")
     args = ap.parse_args()
-    sweep(args, lambda d, causal, s: run_cell(d, causal, s, args.variants.split(",")))
+    sweep(args, lambda d, causal, s: run_cell(d, causal, s, args.variants.split(","), portable=not args.no_portable))
 
 
 if __name__ == "__main__":

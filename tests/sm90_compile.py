@@ -173,11 +173,12 @@ def compile_fwd_gluon(head_dim, causal, cfg=None):
     kernel = fwd_gluon._attn_fwd_gluon_kernel
     cfg = cfg or fwd_gluon.gluon_fwd_config(head_dim, causal)
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
-                  DYNAMIC=cfg.dynamic, PINGPONG=cfg.pingpong, OVERLAP=cfg.overlap, ID_SLOTS=fwd_gluon.ID_SLOTS,
-                  LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=fwd_gluon.CONSUMER_REGS)
+                  DYNAMIC=cfg.dynamic, PINGPONG=cfg.pingpong, OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma,
+                  ID_SLOTS=fwd_gluon.ID_SLOTS, LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=fwd_gluon.CONSUMER_REGS)
     half = fwd_gluon.BLOCK_M // 2
     sig = _signature(kernel, consts, counter="*i32", q_desc=_desc_type(half, head_dim),
-                     k_desc=_desc_type(cfg.block_n, head_dim), v_desc=_desc_type(cfg.block_n, head_dim))
+                     o_desc=_desc_type(half, head_dim), k_desc=_desc_type(cfg.block_n, head_dim),
+                     v_desc=_desc_type(cfg.block_n, head_dim))
     launch = AttnBwdConfig(fwd_gluon.BLOCK_M, cfg.block_n, 4, cfg.stages)
     return _build_report(kernel, sig, consts, launch, head_dim, causal, GluonASTSource)
 

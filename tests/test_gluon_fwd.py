@@ -79,7 +79,8 @@ def test_compile_sm90_gluon_fwd():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("schedule", ["table", "persistent", "persistent-order-flipped", "persistent-overlap"])
+@pytest.mark.parametrize("schedule", ["table", "persistent", "persistent-order-flipped", "persistent-overlap",
+                                      "persistent-q2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
@@ -90,12 +91,19 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
     program's next item as the table has it (causal: taken from the atomic counter; non-causal: a stride of
     programs); ``persistent-order-flipped``: the same with the table's ping-pong and the other order;
     ``persistent-overlap``: three programs with the table's order and ping-pong, each next item's first GEMM
-    issued with the previous item's last (D = 256 has no room for the second Q buffer: table config)."""
+    issued with the previous item's last (D = 256 has no room for the second Q buffer: table config);
+    ``persistent-q2``: three programs, two Q buffers without the overlap (each next item's Q loaded while the
+    item before runs) and O written from registers (D = 256: the table's, which has no room for either)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
     if schedule == "persistent-overlap":
-        flipped = {key: dataclasses.replace(cfg, persistent=True, overlap=key[0] != 256)
+        flipped = {key: dataclasses.replace(cfg, persistent=True, overlap=key[0] != 256,
+                                            q_buffers=2 if key[0] != 256 else cfg.q_buffers)
+                   for key, cfg in fwd_gluon._CONFIGS.items()}
+    elif schedule == "persistent-q2":
+        flipped = {key: cfg if key[0] == 256 else dataclasses.replace(cfg, persistent=True, overlap=False, q_buffers=2,
+                                                                      o_tma=False)
                    for key, cfg in fwd_gluon._CONFIGS.items()}
     elif schedule != "table":
         flip_order = schedule == "persistent-order-flipped"  # else flip ping-pong

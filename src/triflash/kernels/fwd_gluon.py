@@ -7,20 +7,22 @@ which the producer takes from an atomic counter when it has issued the current i
 consumers through shared memory. Three partitions:
 
 - a producer warp loads the two 64-row halves of Q (once the consumers' last S GEMMs of the previous item
-  have read theirs), then each key tile's K and V by TMA into a ring of ``STAGES`` buffers (``k_ready`` /
-  ``v_ready``; ``k_empty`` / ``v_empty``, which both consumers release: K's slot as soon as the S GEMMs have
-  read it, so that the next K load starts a whole step earlier), running ahead across items;
+  have read theirs; with two Q buffers, a whole item ahead), then each key tile's K and V by TMA into a ring of
+  ``STAGES`` buffers (``k_ready`` / ``v_ready``; ``k_empty`` / ``v_empty``, which both consumers release: K's
+  slot as soon as the S GEMMs have read it, so that the next K load starts a whole step earlier), running ahead
+  across items;
 - two consumer warpgroups, 64 query rows each: each issues S = Q K^T of the next key tile and O += P V of
   the current one back to back (wgmma, asynchronous), runs the online softmax of the next scores while P V
   is on the tensor cores, then rescales O. P goes to the second GEMM from registers. The warpgroups drift
   apart, so one's softmax overlaps the other's GEMMs; ``pingpong`` makes them take turns explicitly.
 
-The epilogue normalises O and writes it and the log-sum-exp from registers (overlapping the next item's
-loads). Causal (``S_q <= S_k``, bottom-right aligned): an item walks the keys up to its last row's diagonal;
-the tiles past its first row's diagonal are masked. Dense batches of packed heads, D = Dv in {64, 128, 256},
-fp16/bf16, ``S_q`` a multiple of 128, ``S_k`` of the key tile, no softcap, sink or window but the causal one
-(``gluon_fwd_eligible``); everything else runs ``fwd_hopper.py`` or the portable kernel. Gluon does not run
-under the interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``), the GPU tests run it.
+The epilogue normalises O (one reciprocal per row) and writes it through a shared-memory buffer per warpgroup by
+one TMA store left in flight (``o_tma``; at D = 256, which has no room for the buffers, from registers), and the
+log-sum-exp from registers. Causal (``S_q <= S_k``, bottom-right aligned): an item walks the keys up to its last
+row's diagonal; the tiles past its first row's diagonal are masked. Dense batches of packed heads, D = Dv in
+{64, 128, 256}, fp16/bf16, ``S_q`` a multiple of 128, ``S_k`` of the key tile, no softcap, sink or window but the
+causal one (``gluon_fwd_eligible``); everything else runs ``fwd_hopper.py`` or the portable kernel. Gluon does not
+run under the interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``), the GPU tests run it.
 """
 
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -55,11 +58,15 @@ class GluonFwdConfig:
     persistent: bool = False  # one program per SM walking the work items (else one program per item)
     l2_mb: int = 16  # causal: the heads taken longest first together hold this much K and V (0: every head)
     dynamic: bool = False  # persistent: each program's next item from an atomic counter (in order, as it frees)
-    overlap: bool = False  # the next item's first S GEMM with this item's last P V (two Q buffers)
+    overlap: bool = False  # the next item's first S GEMM with this item's last P V (needs two Q buffers)
+    q_buffers: int = 1  # 2: the producer loads the next item's Q while this item runs
+    o_tma: bool = True  # O goes out through shared memory by TMA (else from registers; D = 256 has no room)
 
     def __post_init__(self):
         if self.dynamic and not self.persistent:
             raise ValueError("GluonFwdConfig: the dynamic order is a persistent schedule's (persistent=True)")
+        if self.q_buffers not in (1, 2) or (self.overlap and self.q_buffers != 2):
+            raise ValueError("GluonFwdConfig: q_buffers is 1 or 2, and 2 with overlap")
 
 
 # (head dim, causal) -> tile config. Shared memory: Q 2 x 64 x D, K and V STAGES x BLOCK_N x D each (bf16).
@@ -99,13 +106,26 @@ class GluonFwdConfig:
 #   That run, the others at 1k / 4k / 16k: D=128 causal 373/540/623 -> 355/523/597; D=64 non-causal 401/439/458 ->
 #         395/431/435, causal 296/405/453 -> 276/404/437 (the D=64 causal build spills in its loops): off there.
 #   docs/results/fwd-variants-h100-2026-11-25-overlap*.jsonl.
+# The epilogue (H100 2026-11-25, ncu at 1k: the consumers spent 24% (non-causal D=128) to 45% (causal) of their
+# samples outside the key-tile loop, the O stores from registers stalled on the store queue, the division by l
+# took 200+ instructions a thread): O by TMA through shared memory, a reciprocal per row, the dynamic order's
+# counter relaxed. Kernel launched directly, TFLOP/s at 1k / 4k / 16k, 52c0f96 -> this (cuDNN, same process),
+# docs/results/fwd-variants-h100-2026-11-25-epilogue.jsonl:
+#   D=64  non-causal 405/451/459 -> 443/474/463 (419/447/476); causal 298/410/458 -> 327/440/458 (339/409/453)
+#   D=128 non-causal 546/612/634 -> 618/686/631 (569/611/630); causal 372/544/617 -> 454/596/630 (416/518/586)
+#   D=256 (O from registers) non-causal 552/641/666 -> 554/643/665; causal 403/579/662 -> 414/617/673
+#   O from registers with the reciprocal (noot), same run: D=128 non-causal 540/619/626, causal 384/550/620; D=64
+#   non-causal 413/468/462. Two Q buffers under the dynamic order (the next item claimed at each item's first
+#   tile, so that its Q loads a whole item ahead): D=128 causal 439/559/591, D=64 causal 318/421/454, non-causal
+#   D=64 448/462/469: one buffer kept there (claiming at the first tile with the acq_rel counter had cost D=256
+#   causal 408/580/650 -> 387/550/589 in an earlier run).
 _CONFIGS = {
     (64, False): GluonFwdConfig(128, 3, persistent=True),
     (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
-    (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True),
+    (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True, q_buffers=2),
     (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True),
-    (256, False): GluonFwdConfig(64, 2, persistent=True),
-    (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True),
+    (256, False): GluonFwdConfig(64, 2, persistent=True, o_tma=False),
+    (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True, o_tma=False),
 }
 
 
@@ -136,26 +156,58 @@ def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLO
 
 
 @gluon.jit
-def _next_item(t, i, ids, id_ready, id_empty, counter, PRODUCER: gl.constexpr, DYNAMIC: gl.constexpr):
-    """The work item after ``t``, this program's ``i``-th: ``t + programs``, or, ``DYNAMIC``, the next one not
-    yet taken by any program: the producer takes it from ``counter`` (atomically) and hands it to the consumers
-    through slot ``i`` of the ring ``ids``. Past the last item (>= total) ends the loops."""
+def _take_item(t, counter, DYNAMIC: gl.constexpr):
+    """The producer: this program's work item after ``t``: ``t + programs``, or, ``DYNAMIC``, the next one not
+    yet taken by any program (from ``counter``, atomically). Past the last item (>= total) ends the loops."""
+    if DYNAMIC:
+        # Relaxed: the counter orders no other memory (acq_rel fenced the producer's in-flight copies first).
+        t = gl.atomic_add(counter, 1, sem="relaxed") + gl.num_programs(0)
+    else:
+        t = t + gl.num_programs(0)
+    return t
+
+
+@gluon.jit
+def _hand_item(t, i, ids, id_ready, id_empty):
+    """The producer (``DYNAMIC``): hands work item ``t``, the program's ``i + 1``-th, to the consumers through
+    slot ``i`` of the ring ``ids``."""
+    SLOTS: gl.constexpr = ids.shape[0]
+    slot = i % SLOTS
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    mbarrier.wait(id_empty.index(slot), ((i // SLOTS) & 1) ^ 1)
+    ids.index(slot).store(gl.full([1], t, gl.int32, layout))
+    mbarrier.arrive(id_ready.index(slot))
+
+
+@gluon.jit
+def _next_item(t, i, ids, id_ready, id_empty, DYNAMIC: gl.constexpr):
+    """A consumer: the work item after ``t``, this program's ``i``-th: ``t + programs``, or, ``DYNAMIC``, the one
+    the producer took (``_take_item``) and handed over in slot ``i`` of ``ids``."""
     if DYNAMIC:
         SLOTS: gl.constexpr = ids.shape[0]
         slot = i % SLOTS
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        if PRODUCER:
-            t = gl.atomic_add(counter, 1) + gl.num_programs(0)
-            mbarrier.wait(id_empty.index(slot), ((i // SLOTS) & 1) ^ 1)
-            ids.index(slot).store(gl.full([1], t, gl.int32, layout))
-            mbarrier.arrive(id_ready.index(slot))
-        else:
-            mbarrier.wait(id_ready.index(slot), (i // SLOTS) & 1)
-            t = gl.max(ids.index(slot).load(layout), 0)
-            mbarrier.arrive(id_empty.index(slot))
+        mbarrier.wait(id_ready.index(slot), (i // SLOTS) & 1)
+        t = gl.max(ids.index(slot).load(layout), 0)
+        mbarrier.arrive(id_empty.index(slot))
     else:
         t = t + gl.num_programs(0)
     return t
+
+
+@gluon.jit
+def _load_q(q_desc, q_smem, q_bar, q_empty, i, q_row, q_col):
+    """The producer: both 64-row halves of an item's Q (rows ``q_row``, columns ``q_col``), the program's
+    ``i``-th, into buffer ``i % QB`` (halves ``2 * buffer`` and ``2 * buffer + 1``), once the consumers' last S
+    GEMMs of the item before in that buffer have read it."""
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    QB: gl.constexpr = q_bar.shape[0]
+    qb = i % QB
+    # A fresh barrier counts its phase "before 0" as complete: the first pass does not wait.
+    mbarrier.wait(q_empty.index(qb), ((i // QB) & 1) ^ 1)
+    mbarrier.expect(q_bar.index(qb), 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar.index(qb), q_smem.index(2 * qb))
+    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, q_col], q_bar.index(qb), q_smem.index(2 * qb + 1))
 
 
 @gluon.jit
@@ -163,26 +215,27 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
               ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
               section, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr):
-    """The producer warp, per work item: both Q halves (once the consumers' last S GEMMs of the previous item
-    have read theirs), then K and V of every key tile, ``STAGES`` tiles ahead, across work items; then the
-    program's next item (``_next_item``: ``DYNAMIC``, it takes it)."""
-    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    """The producer warp, per work item: Q, then K and V of every key tile, ``STAGES`` tiles ahead, across work
+    items; the program's next item (``_take_item``; ``DYNAMIC``, handed to the consumers). One Q buffer: Q once
+    the consumers' last S GEMMs of the previous item have read it, the next item taken after this one's loads.
+    Two: the next item taken once this one's first K and V are on their way, and its Q loaded then, a whole item
+    ahead (under the dynamic order that claims items earlier, which measured slower: one buffer there)."""
+    BLOCK_M: gl.constexpr = 2 * q_desc.block_type.shape[0]
+    QB: gl.constexpr = q_bar.shape[0]
     it = 0
     i = 0
     t = gl.program_id(0)
+    if QB == 2:
+        m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
+                                                   section, BLOCK_M, BLOCK_N, CAUSAL)
+        _load_q(q_desc, q_smem, q_bar, q_empty, 0, b * seqlen_q + m_start, h * HEAD_DIM)
     while t < total:
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, 2 * HALF, BLOCK_N, CAUSAL)
-        q_row = b * seqlen_q + m_start
+                                                   section, BLOCK_M, BLOCK_N, CAUSAL)
+        if QB == 1:
+            _load_q(q_desc, q_smem, q_bar, q_empty, i, b * seqlen_q + m_start, h * HEAD_DIM)
         k_row0 = b * seqlen_k
-        # A fresh barrier counts its phase "before 0" as complete: the first pass does not wait.
-        QB: gl.constexpr = q_bar.shape[0]  # Q buffers: the item's halves go to 2 * (i % QB) and the next
-        qb = i % QB
-        mbarrier.wait(q_empty.index(qb), ((i // QB) & 1) ^ 1)
-        mbarrier.expect(q_bar.index(qb), 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row, h * HEAD_DIM], q_bar.index(qb), q_smem.index(2 * qb))
-        tma.async_copy_global_to_shared(q_desc, [q_row + HALF, h * HEAD_DIM], q_bar.index(qb),
-                                        q_smem.index(2 * qb + 1))
+        t_next = t
         for j in range(n_tiles):
             s = it % STAGES
             # K's slot is released as soon as both consumers' S GEMMs have read it, V's once their P V GEMMs have.
@@ -195,7 +248,21 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [row, hk * HEAD_DIM_V], v_ready.index(s), v_smem.index(s))
             it += 1
-        t = _next_item(t, i, ids, id_ready, id_empty, counter, True, DYNAMIC)
+            if QB == 2:
+                if j == 0:
+                    t_next = _take_item(t, counter, DYNAMIC)
+                    if DYNAMIC:
+                        _hand_item(t_next, i, ids, id_ready, id_empty)
+                    if t_next < total:
+                        m_2, b_2, h_2, hk_2, n_tiles_2, n_free_2 = _tile(
+                            t_next, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLOCK_M, BLOCK_N,
+                            CAUSAL)
+                        _load_q(q_desc, q_smem, q_bar, q_empty, i + 1, b_2 * seqlen_q + m_2, h_2 * HEAD_DIM)
+        if QB == 1:  # as late as it can: the dynamic order's programs claim an item only when about to start it
+            t_next = _take_item(t, counter, DYNAMIC)
+            if DYNAMIC:
+                _hand_item(t_next, i, ids, id_ready, id_empty)
+        t = t_next
         i += 1
 
 
@@ -291,27 +358,37 @@ def _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout: gl.constexp
 
 
 @gluon.jit
-def _fwd_epilogue(acc, m_i, l_i, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb, stride_lh,
-                  s_layout: gl.constexpr, dtype: gl.constexpr):
-    """O / l and the LSE (natural log) of the warpgroup's rows, from registers."""
+def _fwd_epilogue(acc, m_i, l_i, o_desc, o_smem, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
+                  stride_lh, s_layout: gl.constexpr, dtype: gl.constexpr, O_TMA: gl.constexpr):
+    """O / l and the LSE (natural log) of the warpgroup's rows. ``O_TMA``: O through the warpgroup's buffer
+    ``o_smem`` by one TMA store, left in flight (waited for before the buffer's next use); else from registers."""
     HALF: gl.constexpr = acc.shape[0]
     HEAD_DIM_V: gl.constexpr = acc.shape[1]
     o_layout: gl.constexpr = acc.type.layout
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    o_rows = (b * seqlen_q + row0).to(gl.int64) + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
-    o_cols = h * HEAD_DIM_V + gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, o_layout))
-    gl.store(o_ptr + (o_rows * stride_os)[:, None] + o_cols[None, :], (acc / l_o[:, None]).to(dtype))
+    o = (acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]).to(dtype)
+    if O_TMA:
+        tma.store_wait(pendings=0)  # the previous item's O has left the buffer
+        gl.thread_barrier()
+        o_smem.store(o)
+        fence_async_shared()
+        gl.thread_barrier()  # every thread's share is in before one thread issues the store
+        tma.async_copy_shared_to_global(o_desc, [b * seqlen_q + row0, h * HEAD_DIM_V], o_smem)
+    else:
+        o_rows = (b * seqlen_q + row0).to(gl.int64) + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+        o_cols = h * HEAD_DIM_V + gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, o_layout))
+        gl.store(o_ptr + (o_rows * stride_os)[:, None] + o_cols[None, :], o)
     rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
     lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + row0
     gl.store(lse_ptr + lse_off + rows, (m_i + gl.log2(l_i)) * 0.6931471805599453)
 
 
 @gluon.jit
-def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids, id_ready,
-                 id_empty, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads,
+def _fwd_consume(q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids,
+                 id_ready, id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh,
+                 nheads,
                  group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr,
-                 PINGPONG: gl.constexpr, OVERLAP: gl.constexpr):
+                 PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, O_TMA: gl.constexpr):
     """One consumer warpgroup (``WG`` 0 or 1): per work item, its 64 query rows (Q halves ``2 * buffer + WG``)
     against every key tile, two GEMMs in flight per step (``_key_tiles``). ``PINGPONG``: the warpgroups issue
     their GEMMs by turns (``turn``: warpgroup w waits on its barrier before issuing, then arrives on the
@@ -327,6 +404,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_emp
                                                        instr_shape=[16, HEAD_DIM_V, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    o_view = o_smem.index(WG if O_TMA else 0)
     off = seqlen_k - seqlen_q
     it = 0  # key tiles consumed so far (ring slots and phases, turns)
     i = 0  # work items done (Q's buffer and phase, the item ring's slot)
@@ -352,7 +430,7 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_emp
                                       turn, it, n_tiles, n_free, row0 + off, m_i, l_i, p, acc, zero_s, qk_scale,
                                       p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG)
         last = it + n_tiles - 1
-        t_next = _next_item(t, i, ids, id_ready, id_empty, 0, False, DYNAMIC)
+        t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
         if OVERLAP:
             if t_next < total:
                 # The next item's first S GEMM with this item's last P V (one turn), its softmax while P V runs.
@@ -382,26 +460,28 @@ def _fwd_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_emp
             else:
                 acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout, STAGES, WG, PINGPONG)
                 m_n, l_n, p_n = m_i, l_i, p
-            _fwd_epilogue(acc, m_i, l_i, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb, stride_lh,
-                          s_layout, dtype)
+            _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
+                          stride_lh, s_layout, dtype, O_TMA)
             m_i, l_i, p = m_n, l_n, p_n
         else:
             acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout, STAGES, WG, PINGPONG)
-            # The epilogue from registers, while the producer loads the next item.
-            _fwd_epilogue(acc, m_i, l_i, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb, stride_lh,
-                          s_layout, dtype)
+            _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
+                          stride_lh, s_layout, dtype, O_TMA)
         it += n_tiles
         t = t_next
         i += 1
+    if O_TMA:
+        tma.store_wait(pendings=0)  # the last O has left shared memory before the program ends
 
 
 @gluon.jit
 def _attn_fwd_gluon_kernel(
-    q_desc, k_desc, v_desc, o_ptr, lse_ptr, counter, stride_os, stride_lb, stride_lh,
+    q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, counter, stride_os, stride_lb, stride_lh,
     batch, nheads, seqlen_q, seqlen_k, group_size, section, qk_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-    ID_SLOTS: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    QB: gl.constexpr, O_TMA: gl.constexpr, ID_SLOTS: gl.constexpr, LOADER_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
 ):
     """O and LSE of 128 query rows of one head per work item (``_tile``); a program takes items
     ``program_id, program_id + num_programs, ...`` (one each when the grid covers them all; persistent when
@@ -412,8 +492,11 @@ def _attn_fwd_gluon_kernel(
     total = tiles_m * n_bh
 
     dtype: gl.constexpr = q_desc.dtype
-    QB: gl.constexpr = 2 if OVERLAP else 1  # Q buffers (two halves each)
-    q_smem = gl.allocate_shared_memory(dtype, [2 * QB, HALF, HEAD_DIM], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2 * QB, HALF, HEAD_DIM], q_desc.layout)  # QB buffers of two halves
+    # O_TMA: a buffer of O per consumer warpgroup (else one unused row).
+    O_BUFS: gl.constexpr = 2 if O_TMA else 1
+    O_ROWS: gl.constexpr = HALF if O_TMA else 1
+    o_smem = gl.allocate_shared_memory(dtype, [O_BUFS, O_ROWS, HEAD_DIM_V], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM_V], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
@@ -443,14 +526,14 @@ def _attn_fwd_gluon_kernel(
 
     # The default partition is the first consumer warpgroup; the workers the second one and the producer.
     gl.warp_specialize([
-        (_fwd_consume, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                        ids, id_ready, id_empty, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh,
-                        nheads, group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL,
-                        DYNAMIC, 0, PINGPONG, OVERLAP)),
-        (_fwd_consume, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                        ids, id_ready, id_empty, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh,
-                        nheads, group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL,
-                        DYNAMIC, 1, PINGPONG, OVERLAP)),
+        (_fwd_consume, (q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                        ids, id_ready, id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total,
+                        tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N,
+                        STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA)),
+        (_fwd_consume, (q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                        ids, id_ready, id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total,
+                        tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N,
+                        STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA)),
         (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                      v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
                      seqlen_k, section, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC)),
@@ -516,10 +599,10 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if cfg.dynamic else lse
     launch_cached(
         _attn_fwd_gluon_kernel, grid,
-        _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), out, lse, counter, out.stride(1),
-        lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale,
-        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
-        DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong, OVERLAP=cfg.overlap, LOADER_REGS=LOADER_REGS,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+        _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), _desc(out, BLOCK_M // 2), out, lse,
+        counter, out.stride(1), lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, group, section,
+        qk_scale, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
+        DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong, OVERLAP=cfg.overlap, QB=cfg.q_buffers,
+        O_TMA=cfg.o_tma, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )
 
