@@ -177,7 +177,7 @@ def compile_fwd_gluon(head_dim, causal, cfg=None):
                   ID_SLOTS=fwd_gluon.ID_SLOTS, LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=fwd_gluon.CONSUMER_REGS)
     half = fwd_gluon.BLOCK_M // 2
     sig = _signature(kernel, consts, counter="*i32", q_desc=_desc_type(half, head_dim),
-                     o_desc=_desc_type(half, head_dim), k_desc=_desc_type(cfg.block_n, head_dim),
+                     o_desc=_desc_type(half, min(head_dim, fwd_gluon.O_COLS)), k_desc=_desc_type(cfg.block_n, head_dim),
                      v_desc=_desc_type(cfg.block_n, head_dim))
     launch = AttnBwdConfig(fwd_gluon.BLOCK_M, cfg.block_n, 4, cfg.stages)
     return _build_report(kernel, sig, consts, launch, head_dim, causal, GluonASTSource)

@@ -93,7 +93,8 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
     ``persistent-overlap``: three programs with the table's order and ping-pong, each next item's first GEMM
     issued with the previous item's last (D = 256 has no room for the second Q buffer: table config);
     ``persistent-q2``: three programs, two Q buffers without the overlap (each next item's Q loaded while the
-    item before runs) and O written from registers (D = 256: the table's, which has no room for either)."""
+    item before runs) and O written from registers (D = 256, which has no room for two Q buffers: the table's
+    schedule, O from registers)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
@@ -102,8 +103,8 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
                                             q_buffers=2 if key[0] != 256 else cfg.q_buffers)
                    for key, cfg in fwd_gluon._CONFIGS.items()}
     elif schedule == "persistent-q2":
-        flipped = {key: cfg if key[0] == 256 else dataclasses.replace(cfg, persistent=True, overlap=False, q_buffers=2,
-                                                                      o_tma=False)
+        flipped = {key: dataclasses.replace(cfg, o_tma=False) if key[0] == 256 else
+                   dataclasses.replace(cfg, persistent=True, overlap=False, q_buffers=2, o_tma=False)
                    for key, cfg in fwd_gluon._CONFIGS.items()}
     elif schedule != "table":
         flip_order = schedule == "persistent-order-flipped"  # else flip ping-pong

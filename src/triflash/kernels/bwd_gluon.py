@@ -506,10 +506,12 @@ def _smem_layout(rows, d, dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, d], _GL_DTYPES[dtype])
 
 
-def _desc(x, rows):
-    """A TMA descriptor over the ``(B * S, H * D)`` view of a packed ``(B, S, H, D)`` tensor."""
+def _desc(x, rows, cols=None):
+    """A TMA descriptor over the ``(B * S, H * D)`` view of a packed ``(B, S, H, D)`` tensor, blocks of ``rows``
+    x ``cols`` (default D)."""
     b, s, h, d = x.shape
-    return TmaDesc(x, (b * s, h * d), (x.stride(1), 1), (rows, d), _smem_layout(rows, d, x.dtype))
+    cols = cols or d
+    return TmaDesc(x, (b * s, h * d), (x.stride(1), 1), (rows, cols), _smem_layout(rows, cols, x.dtype))
 
 
 def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax_scale, causal):

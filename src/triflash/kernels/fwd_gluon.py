@@ -17,7 +17,7 @@ consumers through shared memory. Three partitions:
   apart, so one's softmax overlaps the other's GEMMs; ``pingpong`` makes them take turns explicitly.
 
 The epilogue normalises O (one reciprocal per row) and writes it through a shared-memory buffer per warpgroup by
-one TMA store left in flight (``o_tma``; at D = 256, which has no room for the buffers, from registers), and the
+TMA stores left in flight (``o_tma``; at D = 256 the buffer holds half the columns, two stores), and the
 log-sum-exp from registers. Causal (``S_q <= S_k``, bottom-right aligned): an item walks the keys up to its last
 row's diagonal; the tiles past its first row's diagonal are masked. Dense batches of packed heads, D = Dv in
 {64, 128, 256}, fp16/bf16, ``S_q`` a multiple of 128, ``S_k`` of the key tile, no softcap, sink or window but the
@@ -48,6 +48,7 @@ BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
 LOADER_REGS = 24  # the TMA producer's register budget (setmaxnreg)
 CONSUMER_REGS = 240  # the second consumer warpgroup's (the first, the default partition, gets the rest)
 ID_SLOTS = 4  # dynamic scheduling: work items the producer may take ahead of the consumers
+O_COLS = 128  # o_tma: the columns of O a warpgroup's buffer holds (D = 256: two stores of half the columns)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class GluonFwdConfig:
     dynamic: bool = False  # persistent: each program's next item from an atomic counter (in order, as it frees)
     overlap: bool = False  # the next item's first S GEMM with this item's last P V (needs two Q buffers)
     q_buffers: int = 1  # 2: the producer loads the next item's Q while this item runs
-    o_tma: bool = True  # O goes out through shared memory by TMA (else from registers; D = 256 has no room)
+    o_tma: bool = True  # O goes out through shared memory by TMA (else from registers)
 
     def __post_init__(self):
         if self.dynamic and not self.persistent:
@@ -124,8 +125,8 @@ _CONFIGS = {
     (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
     (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True, q_buffers=2),
     (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True),
-    (256, False): GluonFwdConfig(64, 2, persistent=True, o_tma=False),
-    (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True, o_tma=False),
+    (256, False): GluonFwdConfig(64, 2, persistent=True),
+    (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True),
 }
 
 
@@ -358,21 +359,36 @@ def _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout: gl.constexp
 
 
 @gluon.jit
+def _store_o(o, o_desc, o_smem, row, col):
+    """``o`` into the warpgroup's buffer ``o_smem`` and out by one TMA store at ``[row, col]``, left in flight;
+    first waits for the buffer's previous store to have read it."""
+    tma.store_wait(pendings=0)
+    gl.thread_barrier()
+    o_smem.store(o)
+    fence_async_shared()
+    gl.thread_barrier()  # every thread's share is in before one thread issues the store
+    tma.async_copy_shared_to_global(o_desc, [row, col], o_smem)
+
+
+@gluon.jit
 def _fwd_epilogue(acc, m_i, l_i, o_desc, o_smem, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
                   stride_lh, s_layout: gl.constexpr, dtype: gl.constexpr, O_TMA: gl.constexpr):
     """O / l and the LSE (natural log) of the warpgroup's rows. ``O_TMA``: O through the warpgroup's buffer
-    ``o_smem`` by one TMA store, left in flight (waited for before the buffer's next use); else from registers."""
+    ``o_smem`` by TMA stores left in flight (one, or at D = 256, whose buffer holds half the columns, one per
+    half); else from registers."""
     HALF: gl.constexpr = acc.shape[0]
     HEAD_DIM_V: gl.constexpr = acc.shape[1]
     o_layout: gl.constexpr = acc.type.layout
     o = (acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]).to(dtype)
     if O_TMA:
-        tma.store_wait(pendings=0)  # the previous item's O has left the buffer
-        gl.thread_barrier()
-        o_smem.store(o)
-        fence_async_shared()
-        gl.thread_barrier()  # every thread's share is in before one thread issues the store
-        tma.async_copy_shared_to_global(o_desc, [b * seqlen_q + row0, h * HEAD_DIM_V], o_smem)
+        O_COLS: gl.constexpr = o_smem.shape[1]
+        row = b * seqlen_q + row0
+        if O_COLS == HEAD_DIM_V:
+            _store_o(o, o_desc, o_smem, row, h * HEAD_DIM_V)
+        else:  # the column halves: (r, c) -> (r, c // O_COLS, c % O_COLS), split on the middle index
+            lo, hi = gl.split(gl.permute(gl.reshape(o, [HALF, 2, O_COLS]), (0, 2, 1)))
+            _store_o(lo, o_desc, o_smem, row, h * HEAD_DIM_V)
+            _store_o(hi, o_desc, o_smem, row, h * HEAD_DIM_V + O_COLS)
     else:
         o_rows = (b * seqlen_q + row0).to(gl.int64) + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
         o_cols = h * HEAD_DIM_V + gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, o_layout))
@@ -496,7 +512,7 @@ def _attn_fwd_gluon_kernel(
     # O_TMA: a buffer of O per consumer warpgroup (else one unused row).
     O_BUFS: gl.constexpr = 2 if O_TMA else 1
     O_ROWS: gl.constexpr = HALF if O_TMA else 1
-    o_smem = gl.allocate_shared_memory(dtype, [O_BUFS, O_ROWS, HEAD_DIM_V], o_desc.layout)
+    o_smem = gl.allocate_shared_memory(dtype, [O_BUFS, O_ROWS, o_desc.block_type.shape[1]], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM_V], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
@@ -599,10 +615,11 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if cfg.dynamic else lse
     launch_cached(
         _attn_fwd_gluon_kernel, grid,
-        _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n), _desc(out, BLOCK_M // 2), out, lse,
-        counter, out.stride(1), lse.stride(0), lse.stride(1), batch, nheads, seqlen_q, seqlen_k, group, section,
-        qk_scale, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
-        DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong, OVERLAP=cfg.overlap, QB=cfg.q_buffers,
-        O_TMA=cfg.o_tma, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+        _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n),
+        _desc(out, BLOCK_M // 2, min(dv, O_COLS)), out, lse, counter, out.stride(1), lse.stride(0), lse.stride(1),
+        batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n,
+        STAGES=cfg.stages, CAUSAL=causal, DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong,
+        OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS,
+        num_warps=4,
     )
 
