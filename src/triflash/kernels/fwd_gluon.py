@@ -114,7 +114,9 @@ class GluonFwdConfig:
 # docs/results/fwd-variants-h100-2026-11-25-epilogue.jsonl:
 #   D=64  non-causal 405/451/459 -> 443/474/463 (419/447/476); causal 298/410/458 -> 327/440/458 (339/409/453)
 #   D=128 non-causal 546/612/634 -> 618/686/631 (569/611/630); causal 372/544/617 -> 454/596/630 (416/518/586)
-#   D=256 (O from registers) non-causal 552/641/666 -> 554/643/665; causal 403/579/662 -> 414/617/673
+#   D=256 (O from registers) non-causal 552/641/666 -> 554/643/665; causal 403/579/662 -> 414/617/673; then O by
+#   TMA in two column halves (O_COLS; c650b63) against from registers, same run: non-causal 544/652/666 ->
+#   628/684/677 (cuDNN 575/647/687), causal 408/628/660 -> 476/610/667 (437/556/585)
 #   O from registers with the reciprocal (noot), same run: D=128 non-causal 540/619/626, causal 384/550/620; D=64
 #   non-causal 413/468/462. Two Q buffers under the dynamic order (the next item claimed at each item's first
 #   tile, so that its Q loads a whole item ahead): D=128 causal 439/559/591, D=64 causal 318/421/454, non-causal
