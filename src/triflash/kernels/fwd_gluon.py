@@ -159,33 +159,29 @@ def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLO
 
 
 @gluon.jit
-def _take_item(t, counter, DYNAMIC: gl.constexpr):
-    """The producer: this program's work item after ``t``: ``t + programs``, or, ``DYNAMIC``, the next one not
-    yet taken by any program (from ``counter``, atomically). Past the last item (>= total) ends the loops."""
+def _take_item(t, i, counter, ids, id_ready, id_empty, DYNAMIC: gl.constexpr):
+    """The producer: this program's work item after ``t`` (its ``i + 1``-th): ``t + programs``, or, ``DYNAMIC``,
+    the next one not yet taken by any program (from ``counter``, atomically), handed to the consumers through
+    slot ``i`` of the ring ``ids``. Past the last item (>= total) ends the loops."""
     if DYNAMIC:
-        # Relaxed: the counter orders no other memory (acq_rel fenced the producer's in-flight copies first).
+        # Relaxed: the counter orders no other memory (the acq_rel add's fence showed as membar stalls in the
+        # producer's profile).
         t = gl.atomic_add(counter, 1, sem="relaxed") + gl.num_programs(0)
+        SLOTS: gl.constexpr = ids.shape[0]
+        slot = i % SLOTS
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        mbarrier.wait(id_empty.index(slot), ((i // SLOTS) & 1) ^ 1)
+        ids.index(slot).store(gl.full([1], t, gl.int32, layout))
+        mbarrier.arrive(id_ready.index(slot))
     else:
         t = t + gl.num_programs(0)
     return t
 
 
 @gluon.jit
-def _hand_item(t, i, ids, id_ready, id_empty):
-    """The producer (``DYNAMIC``): hands work item ``t``, the program's ``i + 1``-th, to the consumers through
-    slot ``i`` of the ring ``ids``."""
-    SLOTS: gl.constexpr = ids.shape[0]
-    slot = i % SLOTS
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    mbarrier.wait(id_empty.index(slot), ((i // SLOTS) & 1) ^ 1)
-    ids.index(slot).store(gl.full([1], t, gl.int32, layout))
-    mbarrier.arrive(id_ready.index(slot))
-
-
-@gluon.jit
 def _next_item(t, i, ids, id_ready, id_empty, DYNAMIC: gl.constexpr):
     """A consumer: the work item after ``t``, this program's ``i``-th: ``t + programs``, or, ``DYNAMIC``, the one
-    the producer took (``_take_item``) and handed over in slot ``i`` of ``ids``."""
+    the producer took and handed over in slot ``i`` of ``ids`` (``_take_item``)."""
     if DYNAMIC:
         SLOTS: gl.constexpr = ids.shape[0]
         slot = i % SLOTS
@@ -219,7 +215,7 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
               section, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr):
     """The producer warp, per work item: Q, then K and V of every key tile, ``STAGES`` tiles ahead, across work
-    items; the program's next item (``_take_item``; ``DYNAMIC``, handed to the consumers). One Q buffer: Q once
+    items; the program's next item (``_take_item``; ``DYNAMIC``: handed to the consumers). One Q buffer: Q once
     the consumers' last S GEMMs of the previous item have read it, the next item taken after this one's loads.
     Two: the next item taken once this one's first K and V are on their way, and its Q loaded then, a whole item
     ahead (under the dynamic order that claims items earlier, which measured slower: one buffer there)."""
@@ -253,18 +249,14 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
             it += 1
             if QB == 2:
                 if j == 0:
-                    t_next = _take_item(t, counter, DYNAMIC)
-                    if DYNAMIC:
-                        _hand_item(t_next, i, ids, id_ready, id_empty)
+                    t_next = _take_item(t, i, counter, ids, id_ready, id_empty, DYNAMIC)
                     if t_next < total:
                         m_2, b_2, h_2, hk_2, n_tiles_2, n_free_2 = _tile(
                             t_next, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLOCK_M, BLOCK_N,
                             CAUSAL)
                         _load_q(q_desc, q_smem, q_bar, q_empty, i + 1, b_2 * seqlen_q + m_2, h_2 * HEAD_DIM)
         if QB == 1:  # as late as it can: the dynamic order's programs claim an item only when about to start it
-            t_next = _take_item(t, counter, DYNAMIC)
-            if DYNAMIC:
-                _hand_item(t_next, i, ids, id_ready, id_empty)
+            t_next = _take_item(t, i, counter, ids, id_ready, id_empty, DYNAMIC)
         t = t_next
         i += 1
 
