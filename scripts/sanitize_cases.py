@@ -85,10 +85,14 @@ def gluon_fwd_cases(dtype):
 
 def gluon_bwd_cases(dtype):
     """The Gluon backward (sm_90, deterministic=False; TRIFLASH_GLUON_BWD=1: at these lengths the default may
-    pick the Hopper dK/dV kernel): causal GQA with S_q < S_k at D=128 and D=256, non-causal D=64."""
+    pick the Hopper dK/dV kernel): causal GQA with S_q < S_k at D=128 and D=256, non-causal D=64, and persistent
+    launches with more work items (256 key blocks) than SMs: D=128 non-causal (a stride of programs) and D=64
+    causal (each program's next item from the atomic counter, handed to the other partitions through shared
+    memory); each program's ring phases and K/V hand-over carried across its items."""
     os.environ["TRIFLASH_GLUON_BWD"] = "1"
     errs = [dense(dtype, 320, 640, 4, 2, 128, 128, causal=True), dense(dtype, 128, 256, 2, 2, 64, 64),
-            dense(dtype, 192, 384, 4, 2, 256, 256, causal=True)]
+            dense(dtype, 192, 384, 4, 2, 256, 256, causal=True), dense(dtype, 2048, 2048, 16, 16, 128, 128),
+            dense(dtype, 2048, 2048, 16, 16, 64, 64, causal=True)]
     del os.environ["TRIFLASH_GLUON_BWD"]
     return errs
 

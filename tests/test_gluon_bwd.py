@@ -76,9 +76,9 @@ def test_compile_sm90_gluon_bwd():
         # One tile loop, two under causal (masked tiles first) but at D=256 (one loop, the mask runtime).
         loops = 1 if r["head_dim"] == 256 else 1 + r["causal"]
         assert r["smem"] <= 232448 and r["hot_loops"] == loops and r["loop_spills"] == 0, r
-        # D=256 causal: the one-warp producer (24 registers) spills 4 bytes in its set-up, outside every loop;
+        # D=256 causal: the one-warp producer (24 registers) spills 8 bytes in its set-up, outside every loop;
         # the compute warps and all loops spill nothing.
-        assert max(r["spill_stores"]) <= (4 if r["head_dim"] == 256 and r["causal"] else 0), r
+        assert max(r["spill_stores"]) <= (8 if r["head_dim"] == 256 and r["causal"] else 0), r
 
 
 @pytest.mark.gpu
@@ -87,13 +87,16 @@ def test_compile_sm90_gluon_bwd():
 def test_gluon_bwd_gpu(case, dtype, device, monkeypatch):
     """deterministic=False takes the Gluon backward on sm_90 (forced at these short lengths): gradients (with
     an LSE gradient) against the reference through the public API, outputs poisoned, and against the
-    deterministic backward. bfloat16: the programs in L2 sections of at most three kv heads (the last one
-    shorter where the heads do not divide)."""
+    deterministic backward. bfloat16: the work items in L2 sections of at most three kv heads (the last one
+    shorter where the heads do not divide). float16: three persistent programs (where they run: non-causal,
+    D <= 128), each walking several items (its ring phases, K/V hand-over and dK/dV stores carried across them)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon backward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_BWD", "1")
     if dtype == torch.bfloat16:
         monkeypatch.setattr(bwd_gluon, "l2_section", lambda head_bytes, n_heads, l2_mb: min(3, n_heads))
+    else:
+        monkeypatch.setattr(bwd_gluon, "sm_count", lambda device: 3)
     spec = dict(CASES[case])
     shape = spec.pop("shape")
     q, k, v = _inputs(shape, dtype, device)

@@ -1,9 +1,9 @@
 """Hopper (sm_90) backward in Gluon: dK, dV and dQ in one kernel, five GEMMs per tile.
 
 FlashAttention-3's scheme, written with explicit warpgroups (plain Triton 3.6 cannot split dQ's
-contraction over keys across its consumer warpgroups, ``bwd_hopper.py``). One program owns a block of
-``BLOCK_N`` = 128 keys (64 at D = 256) of one kv head and loops over (query head of the GQA group, query tile of
-``BLOCK_M`` = 64 rows):
+contraction over keys across its consumer warpgroups, ``bwd_hopper.py``). A work item is a block of
+``BLOCK_N`` = 128 keys (64 at D = 256) of one kv head; its program loops over (query head of the GQA group, query
+tile of ``BLOCK_M`` = 64 rows):
 
 - a producer warp loads K and V once, then each tile's Q and dO by TMA into a ring of ``STAGES`` buffers
   (``ready``/``empty`` mbarriers) and the tile's LSE and delta rows into shared memory beside them (plain
@@ -23,8 +23,13 @@ for one Q/dO stage only, Q and dO each on their own barriers so that dO is hande
 
 dQ's order of addition varies from run to run, so this path serves ``deterministic=False`` only
 (``bwd.attn_bwd``); dense batches of packed heads, D = Dv in {64, 128, 256}, fp16/bf16, whole tiles, no
-softcap, sink or window but the causal one; the default there on sm_90 (``gluon_bwd_eligible``). Programs go
-in L2 sections of heads (``_attn_bwd_gluon_kernel``).
+softcap, sink or window but the causal one; the default there on sm_90 (``gluon_bwd_eligible``). Work items
+go in L2 sections of heads (``_bwd_item``). Non-causal at D <= 128 and causal at D = 64 the programs are
+persistent, one per SM (``gluon_bwd_schedule``): the compute partition hands K and V back once the item's last
+GEMM is done, and the producer loads the next item's while dK and dV are stored; causal, each program takes the
+next item no program has taken (an atomic counter; in a fixed stride the programs drift apart over items of
+unequal length and leave the L2 sections), the producer handing it to the other partitions through shared
+memory.
 Gluon does not run under the interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``),
 the GPU tests run it.
 """
@@ -45,7 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ..configs import device_arch
+from ..configs import device_arch, sm_count
 from .fwd_hopper import _tma_ok
 from .launch import TmaDesc, l2_section, launch_cached
 
@@ -53,6 +58,10 @@ BLOCK_M = 64
 BLOCK_N = 128
 NUM_WARPS = 8  # the compute partition: two warpgroups
 STAGES = 2
+# D = 64: a third Q/dO stage (148 KiB of shared memory in all). H100, 2026-11-25, scripts/bwd_variants.py, x cuDNN
+# at 1k / 4k / 16k, two stages -> three: non-causal 0.97 / 0.94 / 0.98 -> 0.97 / 0.97 / 1.00 (another run: 0.97 /
+# 0.95 / 0.98 -> 0.98 / 0.96 / 1.00); causal (dynamic order) 1k-4k +0-2%.
+STAGES_64 = 3
 # D = 256: 64 keys a program, one Q/dO stage (K, V, Q, dO, P^T, dS^T and the fp32 dQ share: 208 KiB).
 WIDE_BLOCK_N = 64
 WIDE_STAGES = 1
@@ -62,6 +71,18 @@ WIDE_STAGES = 1
 # 479 -> 493 non-causal, 468 -> 487 causal; D=64 16k 317 -> 331, 310 -> 335; 1k and 4k within 1-2%.
 L2_MB = 8
 DQ_EARLY = True
+# Non-causal calls at D <= 128: a program per SM walking work items (the next item's K and V loaded under the
+# last one's dK/dV stores) instead of one program per item (gluon_bwd_schedule); causal calls at D = 64: the same,
+# each program taking the next item no program has taken yet (DYNAMIC). H100, 2026-11-25, scripts/bwd_variants.py,
+# x cuDNN at 1k / 4k / 16k, one program per item -> persistent: D=64 0.95 / 0.97 / 0.97 -> 0.98 / 0.96 / 0.97 (a
+# second run 0.94 / 0.96 / 0.97 -> 0.98 / 0.96 / 0.95), D=128 0.94 / 1.03 / 1.05 -> 0.94 / 1.08 / 1.04, D=256
+# 1.02 / 1.07 / 1.13 -> 1.03 / 1.09 / 1.14 (not taken: its producer spills there). Causal in the static order
+# (program p: items p, p + 132, ...) fell to 0.63-0.85 (programs drift apart over items of unequal length and
+# leave the L2 sections); in the dynamic order, two runs of 1k / 2k / 4k: D=64 0.98 / 0.97 / 0.98 -> 1.03 / 1.00 /
+# 0.99 and 0.85 / 0.96 / 0.99 -> 0.83 / 1.00 / 1.04; D=128 0.94 / 0.97 / 1.01 -> 0.95 / 0.95 / 1.00 (not taken).
+PERSISTENT = True
+DYNAMIC = True
+ID_SLOTS = 4  # dynamic scheduling: work items the producer may take ahead of the other partitions
 WORKER_REGS = 24  # the TMA producer's and dQ writer's register budgets (setmaxnreg); the compute warps get the rest
 
 
@@ -119,37 +140,133 @@ def _bwd_write_tile(it, dq_desc, dq_smem, dq_full, dq_empty, row, h, HEAD_DIM: g
 
 
 @gluon.jit
+def _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              CAUSAL: gl.constexpr):
+    """Work item ``t``, one (kv head, key block): ``(b, hk, n_start, lo, tiles, n_masked)``, its batch, kv head,
+    first key, first query row it sees, query tiles from there and how many of them straddle the causal diagonal.
+    Items go in sections of ``section`` kv heads (``_sectioned``) whose Q, dO and dQ fit in L2 together: within
+    a section every head's first key block (under causal the one that sees the most rows) before any head's
+    second, so that the section's programs read the same Q and dO tiles and add into the same dQ rows at about
+    the same time."""
+    pid_n, bhk = _sectioned(t, section, seqlen_k // BLOCK_N, batch * nheads_k)
+    n_start = pid_n * BLOCK_N
+    lo = 0
+    if CAUSAL:  # the first query tile with a row that sees key n_start
+        lo = gl.maximum(n_start - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
+    tiles = (seqlen_q - lo) // BLOCK_M
+    n_masked = 0
+    if CAUSAL:  # tiles starting before n_start - off + BLOCK_N - 1 have a row that misses a key of the block
+        mask_end = n_start - (seqlen_k - seqlen_q) + BLOCK_N - 1
+        n_masked = gl.minimum(gl.maximum(mask_end - lo + BLOCK_M - 1, 0) // BLOCK_M, tiles)
+    return bhk // nheads_k, bhk % nheads_k, n_start, lo, tiles, n_masked
+
+
+@gluon.jit
+def _take_item(t, i, counter, ids, id_ready, id_empty, DYNAMIC: gl.constexpr):
+    """The producer: this program's work item after ``t`` (its ``i + 1``-th): ``t + programs``, or, ``DYNAMIC``,
+    the next one not yet taken by any program (from ``counter``, atomically), handed to the consumers through
+    slot ``i`` of the ring ``ids``. Past the last item (>= total) ends the loops."""
+    if DYNAMIC:
+        # Relaxed: the counter orders no other memory (the acq_rel add's fence showed as membar stalls in the
+        # producer's profile).
+        t = gl.atomic_add(counter, 1, sem="relaxed") + gl.num_programs(0)
+        SLOTS: gl.constexpr = ids.shape[0]
+        slot = i % SLOTS
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        mbarrier.wait(id_empty.index(slot), ((i // SLOTS) & 1) ^ 1)
+        ids.index(slot).store(gl.full([1], t, gl.int32, layout))
+        mbarrier.arrive(id_ready.index(slot))
+    else:
+        t = t + gl.num_programs(0)
+    return t
+
+
+@gluon.jit
+def _next_item(t, i, ids, id_ready, id_empty, DYNAMIC: gl.constexpr):
+    """A consumer: the work item after ``t``, this program's ``i``-th: ``t + programs``, or, ``DYNAMIC``, the one
+    the producer took and handed over in slot ``i`` of ``ids`` (``_take_item``)."""
+    if DYNAMIC:
+        SLOTS: gl.constexpr = ids.shape[0]
+        slot = i % SLOTS
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        mbarrier.wait(id_ready.index(slot), (i // SLOTS) & 1)
+        t = gl.max(ids.index(slot).load(layout), 0)
+        mbarrier.arrive(id_empty.index(slot))
+    else:
+        t = t + gl.num_programs(0)
+    return t
+
+
+@gluon.jit
+def _bwd_take_item(t, i, counter, ids, id_ready, id_empty, total, SCHEDULE: gl.constexpr):
+    """The producer: the program's work item after ``t`` (its ``i``-th): none (>= ``total``) with ``SCHEDULE``
+    0 (a program per item), ``t + num_programs`` with 1, with 2 (dynamic) the next one no program has taken
+    (``counter``), handed to the other partitions through ``ids`` (``_take_item``)."""
+    if SCHEDULE == 0:
+        t = total
+    else:
+        t = _take_item(t, i, counter, ids, id_ready, id_empty, SCHEDULE == 2)
+    return t
+
+
+@gluon.jit
+def _bwd_next_item(t, i, ids, id_ready, id_empty, total, SCHEDULE: gl.constexpr):
+    """The compute partition and the dQ writer: the work item after ``t`` (``_bwd_take_item``)."""
+    if SCHEDULE == 0:
+        t = total
+    else:
+        t = _next_item(t, i, ids, id_ready, id_empty, SCHEDULE == 2)
+    return t
+
+
+@gluon.jit
 def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, lse_smem,
-                delta_smem, kv_bar, ready, empty, dq_full, dq_empty, lse_ptr, delta_ptr, stride_lb, stride_lh, b,
-                q_row0, k_row, hk, lo, tiles, n_masked, group_size,
-                HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                LOADER: gl.constexpr):
-    """A one-warp partition walking the tiles in the compute partition's order (per query head the masked
-    tiles, then the mask-free ones): ``LOADER``, the producer (K and V once, then Q and dO of every tile by
-    TMA and its rows' LSE and delta, ``STAGES`` ahead); else the dQ writer."""
-    # This batch's LSE and delta from the first visible row (int32 offsets below: a head and a tile).
-    lse_b = lse_ptr + (b.to(gl.int64) * stride_lb + lo)
-    delta_b = delta_ptr + (b.to(gl.int64) * stride_lb + lo)
-    if LOADER:
-        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row, hk * HEAD_DIM], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [k_row, hk * HEAD_DIM_V], kv_bar, v_smem)
-    row0 = q_row0 + lo
-    n_free = tiles - n_masked
-    for j in range(group_size * (n_masked + n_free)):
-        masked = j < group_size * n_masked
-        jj = j if masked else j - group_size * n_masked
-        per = n_masked if masked else n_free
-        g = jj // per
-        tile_row = ((jj - g * per) + (0 if masked else n_masked)) * BLOCK_M
-        row = row0 + tile_row
-        h = hk * group_size + g
+                delta_smem, kv_bar, kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, counter,
+                lse_ptr, delta_ptr, stride_lb, stride_lh, batch, nheads_k, seqlen_q, seqlen_k, group_size, section,
+                total, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr, SCHEDULE: gl.constexpr, LOADER: gl.constexpr):
+    """A one-warp partition walking the program's work items (``_bwd_item``: every ``num_programs``-th) and
+    their tiles in the compute partition's order (per query head the masked tiles, then the mask-free ones):
+    ``LOADER``, the producer (an item's K and V once the compute partition is done with the last item's, then
+    Q and dO of every tile by TMA and its rows' LSE and delta, ``STAGES`` ahead, across items); else the dQ
+    writer."""
+    it = 0  # tiles of the items before
+    i = 0  # items before
+    t = gl.program_id(0)
+    while t < total:
+        b, hk, n_start, lo, tiles, n_masked = _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, BLOCK_M,
+                                                        BLOCK_N, CAUSAL)
+        # This batch's LSE and delta rows from the first visible one (int32 offsets below: a head and a tile).
+        l_row0 = b.to(gl.int64) * stride_lb + lo
         if LOADER:
-            l_off = h * stride_lh + tile_row
-            _bwd_load_tile(j, q_desc, do_desc, q_smem, do_smem, lse_smem, delta_smem, ready, empty, row, h,
-                           lse_b + l_off, delta_b + l_off, HEAD_DIM, HEAD_DIM_V, STAGES)
+            # A fresh barrier counts its phase "before 0" as complete: the first item does not wait.
+            mbarrier.wait(kv_empty, (i & 1) ^ 1)
+            k_row = b * seqlen_k + n_start
+            mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row, hk * HEAD_DIM], kv_bar, k_smem)
+            tma.async_copy_global_to_shared(v_desc, [k_row, hk * HEAD_DIM_V], kv_bar, v_smem)
+        row0 = b * seqlen_q + lo
+        n_free = tiles - n_masked
+        for j in range(group_size * tiles):
+            masked = j < group_size * n_masked
+            jj = j if masked else j - group_size * n_masked
+            per = n_masked if masked else n_free
+            g = jj // per
+            tile_row = ((jj - g * per) + (0 if masked else n_masked)) * BLOCK_M
+            row = row0 + tile_row
+            h = hk * group_size + g
+            if LOADER:
+                l_off = l_row0 + (h * stride_lh + tile_row)
+                _bwd_load_tile(it + j, q_desc, do_desc, q_smem, do_smem, lse_smem, delta_smem, ready, empty, row, h,
+                               lse_ptr + l_off, delta_ptr + l_off, HEAD_DIM, HEAD_DIM_V, STAGES)
+            else:
+                _bwd_write_tile(it + j, dq_desc, dq_smem, dq_full, dq_empty, row, h, HEAD_DIM)
+        it += group_size * tiles
+        if LOADER:  # as late as it can: a dynamic order's program claims an item only when about to load it
+            t = _bwd_take_item(t, i, counter, ids, id_ready, id_empty, total, SCHEDULE)
         else:
-            _bwd_write_tile(j, dq_desc, dq_smem, dq_full, dq_empty, row, h, HEAD_DIM)
+            t = _bwd_next_item(t, i, ids, id_ready, id_empty, total, SCHEDULE)
+        i += 1
 
 
 @gluon.jit
@@ -289,13 +406,16 @@ def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem
 
 
 @gluon.jit
-def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem, delta_smem, kv_bar, ready,
-                 empty, dq_full, dq_empty, dk_ptr, dv_ptr, stride_dks, stride_dvs, b, hk, n_start, lo, tiles, n_masked,
-                 group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale,
+def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem, delta_smem, kv_bar, kv_empty,
+                 ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, dk_ptr, dv_ptr, stride_dks, stride_dvs,
+                 batch, nheads_k, group_size, section, seqlen_q, seqlen_k, total, qk_scale, softmax_scale,
                  HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """The two compute warpgroups: five GEMMs per tile, dK/dV in registers, dQ shares handed to the writer.
-    Per query head, the tiles that straddle the causal diagonal (masked) come first, then the rest."""
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, SCHEDULE: gl.constexpr,
+                 NUM_WARPS: gl.constexpr):
+    """The two compute warpgroups, per work item of the program (``_bwd_item``): five GEMMs per tile, dK/dV in
+    registers, dQ shares handed to the writer; per query head, the tiles that straddle the causal diagonal
+    (masked) first, then the rest. K and V are handed back before dK and dV are stored, so that the next item's
+    load runs under the stores."""
     dtype: gl.constexpr = k_smem.dtype
     WIDE: gl.constexpr = HEAD_DIM > 128  # D = 256 (_bwd_tile_wide, gluon_bwd_tiles)
     # Keys along M (64 per warpgroup) for S^T, dP^T, dK, dV; dQ splits its head dim between the warpgroups.
@@ -314,76 +434,79 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse
 
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
     zero_dq = gl.zeros([BLOCK_M, HEAD_DIM // SPLIT], gl.float32, dq_layout)  # WIDE: one column half at a time
-    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, dk_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, dv_layout)
-    b64 = b.to(gl.int64)
     off = seqlen_k - seqlen_q
-    mbarrier.wait(kv_bar, 0)
-    n_free = tiles - n_masked
-    if WIDE:
-        # One loop in the workers' order; a mask-free tile of a causal call masks nothing (first_row =
-        # BLOCK_N). Two loops, as below, spill here: every GEMM's shared-memory address is loop-invariant
-        # with one stage, and the compiler keeps them all across both loops.
-        for j in range(group_size * tiles):
-            masked = j < group_size * n_masked
-            jj = j if masked else j - group_size * n_masked
-            per = n_masked if masked else n_free
-            g = jj // per
-            start = lo + ((jj - g * per) + (0 if masked else n_masked)) * BLOCK_M
-            dk, dv = _bwd_tile_wide(j, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem,
-                                    delta_smem, ready, empty, dq_full, dq_empty,
-                                    start + off - n_start if masked else BLOCK_N, qk_scale, zero_s, zero_dq, STAGES,
-                                    CAUSAL)
-    else:
-        # Two flat loops over (query head, tile): the masked tiles of every head, then the mask-free ones (the
-        # worker partitions walk the same order).
-        for j in range(group_size * n_masked):
-            g = j // n_masked
-            start = lo + (j - g * n_masked) * BLOCK_M
-            dk, dv = _bwd_tile(j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse_smem, delta_smem,
-                               ready, empty, dq_full, dq_empty, start + off - n_start, qk_scale, zero_s, zero_dq,
-                               pa_layout, dsa_layout, STAGES, True, DQ_EARLY)
-        first = group_size * n_masked
-        for j in range(group_size * n_free):
-            dk, dv = _bwd_tile(first + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse_smem,
-                               delta_smem, ready, empty, dq_full, dq_empty, 0, qk_scale, zero_s, zero_dq, pa_layout,
-                               dsa_layout, STAGES, False, DQ_EARLY)
-
-    k_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dk_layout)).to(gl.int64)
-    d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dk_layout))
-    gl.store(dk_ptr + (k_rows * stride_dks + hk * HEAD_DIM)[:, None] + d_cols[None, :], (dk * softmax_scale).to(dtype))
-    v_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dv_layout)).to(gl.int64)
-    dv_cols = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, dv_layout))
-    gl.store(dv_ptr + (v_rows * stride_dvs + hk * HEAD_DIM_V)[:, None] + dv_cols[None, :], dv.to(dtype))
+    it = 0  # tiles of the items before
+    i = 0  # items before
+    t = gl.program_id(0)
+    while t < total:
+        b, hk, n_start, lo, tiles, n_masked = _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, BLOCK_M,
+                                                        BLOCK_N, CAUSAL)
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, dk_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, dv_layout)
+        n_free = tiles - n_masked
+        mbarrier.wait(kv_bar, i & 1)
+        if WIDE:
+            # One loop in the workers' order; a mask-free tile of a causal call masks nothing (first_row =
+            # BLOCK_N). Two loops, as below, spill here: every GEMM's shared-memory address is loop-invariant
+            # with one stage, and the compiler keeps them all across both loops.
+            row_base = lo + off - n_start  # first_row of the item's first tile
+            n_masked_all = group_size * n_masked
+            for j in range(group_size * tiles):
+                masked = j < n_masked_all
+                jj = j if masked else j - n_masked_all
+                per = n_masked if masked else n_free
+                g = jj // per
+                first_row = row_base + (jj - g * per) * BLOCK_M if masked else BLOCK_N
+                dk, dv = _bwd_tile_wide(it + j, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem,
+                                        lse_smem, delta_smem, ready, empty, dq_full, dq_empty, first_row, qk_scale,
+                                        zero_s, zero_dq, STAGES, CAUSAL)
+        else:
+            # Two flat loops over (query head, tile): the masked tiles of every head, then the mask-free ones (the
+            # worker partitions walk the same order).
+            for j in range(group_size * n_masked):
+                g = j // n_masked
+                start = lo + (j - g * n_masked) * BLOCK_M
+                dk, dv = _bwd_tile(it + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse_smem,
+                                   delta_smem, ready, empty, dq_full, dq_empty, start + off - n_start, qk_scale,
+                                   zero_s, zero_dq, pa_layout, dsa_layout, STAGES, True, DQ_EARLY)
+            free0 = it + group_size * n_masked
+            for j in range(group_size * n_free):
+                dk, dv = _bwd_tile(free0 + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse_smem,
+                                   delta_smem, ready, empty, dq_full, dq_empty, 0, qk_scale, zero_s, zero_dq,
+                                   pa_layout, dsa_layout, STAGES, False, DQ_EARLY)
+        # Every GEMM of the item has been waited for: K and V are free for the next item's.
+        mbarrier.arrive(kv_empty)
+        it += group_size * tiles
+        # The item again rather than its (b, hk, n_start) kept across the loops (D = 256 spilled them there).
+        b, hk, n_start, lo, tiles, n_masked = _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, BLOCK_M,
+                                                        BLOCK_N, CAUSAL)
+        b64 = b.to(gl.int64)
+        k_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dk_layout)).to(gl.int64)
+        d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dk_layout))
+        gl.store(dk_ptr + (k_rows * stride_dks + hk * HEAD_DIM)[:, None] + d_cols[None, :],
+                 (dk * softmax_scale).to(dtype))
+        v_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dv_layout)).to(gl.int64)
+        dv_cols = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, dv_layout))
+        gl.store(dv_ptr + (v_rows * stride_dvs + hk * HEAD_DIM_V)[:, None] + dv_cols[None, :], dv.to(dtype))
+        t = _bwd_next_item(t, i, ids, id_ready, id_empty, total, SCHEDULE)
+        i += 1
 
 
 @gluon.jit
 def _attn_bwd_gluon_kernel(
-    q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, counter,
     stride_dks, stride_dvs, stride_lb, stride_lh,
-    batch, nheads_k, seqlen_q, seqlen_k, group_size, section, qk_scale, softmax_scale,
+    batch, nheads_k, seqlen_q, seqlen_k, group_size, section, total, qk_scale, softmax_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, NUM_WARPS: gl.constexpr,
-    WORKER_REGS: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, SCHEDULE: gl.constexpr,
+    ID_SLOTS: gl.constexpr, NUM_WARPS: gl.constexpr, WORKER_REGS: gl.constexpr,
 ):
-    """dK, dV of one key block of one kv head and its share of dQ (added into the fp32 accumulator behind
-    ``dq_desc``, unscaled). One program per (kv head, key block), in sections of ``section`` kv heads whose
-    Q, dO and dQ fit in L2 together: within a section every head's first key block (under causal the one that
-    sees the most rows) is launched before any head's second, so the section's programs read the same Q and
-    dO tiles and add into the same dQ rows at about the same time."""
-    pid_n, bhk = _sectioned(gl.program_id(0), section, seqlen_k // BLOCK_N, batch * nheads_k)
-    hk = bhk % nheads_k
-    b = bhk // nheads_k
-    n_start = pid_n * BLOCK_N
-    lo = 0
-    if CAUSAL:  # the first query tile with a row that sees key n_start
-        lo = gl.maximum(n_start - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
-    tiles = (seqlen_q - lo) // BLOCK_M
-    n_masked = 0
-    if CAUSAL:  # tiles starting before n_start - off + BLOCK_N - 1 have a row that misses a key of the block
-        mask_end = n_start - (seqlen_k - seqlen_q) + BLOCK_N - 1
-        n_masked = gl.minimum(gl.maximum(mask_end - lo + BLOCK_M - 1, 0) // BLOCK_M, tiles)
-
+    """dK, dV of key blocks of kv heads and their shares of dQ (added into the fp32 accumulator behind
+    ``dq_desc``, unscaled). Work items are (kv head, key block) pairs in the L2 sections of ``_bwd_item``;
+    ``SCHEDULE``: 0, a program per item; 1, persistent programs each walking items program_id, program_id +
+    num_programs, ...; 2, persistent programs each taking the next item no program has yet (``counter``, zeroed:
+    the first item of each program is its own), the producer handing it to the other partitions through
+    shared memory."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM_V], do_desc.layout)
@@ -405,6 +528,11 @@ def _attn_bwd_gluon_kernel(
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    # SCHEDULE 2: the items the producer took, for the compute partition and the dQ writer.
+    ids = gl.allocate_shared_memory(gl.int32, [ID_SLOTS, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    id_ready = gl.allocate_shared_memory(gl.int64, [ID_SLOTS, 1], mbarrier.MBarrierLayout())
+    id_empty = gl.allocate_shared_memory(gl.int64, [ID_SLOTS, 1], mbarrier.MBarrierLayout())
     # WIDE: Q's and dO's own barriers (dO's at STAGES + s), else one pair for both.
     RING: gl.constexpr = 2 * STAGES if WIDE else STAGES
     ready = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
@@ -412,6 +540,10 @@ def _attn_bwd_gluon_kernel(
     dq_full = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
     dq_empty = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
+    mbarrier.init(kv_empty, count=1)
+    for i in gl.static_range(ID_SLOTS):
+        mbarrier.init(id_ready.index(i), count=1)
+        mbarrier.init(id_empty.index(i), count=2)  # the compute partition and the dQ writer read it
     for i in gl.static_range(RING):  # Q's: the TMA bytes and the producer's arrival after LSE and delta
         mbarrier.init(ready.index(i), count=2 if i < STAGES else 1)
         mbarrier.init(empty.index(i), count=1)
@@ -419,22 +551,21 @@ def _attn_bwd_gluon_kernel(
         mbarrier.init(dq_full.index(i), count=1)
         mbarrier.init(dq_empty.index(i), count=1)
 
-    q_row0 = b * seqlen_q
-    k_row = b * seqlen_k + n_start
     # The worker partitions (one warp each): the TMA producer, then the dQ writer.
     gl.warp_specialize([
         (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem, delta_smem, kv_bar,
-                        ready, empty, dq_full, dq_empty, dk_ptr, dv_ptr, stride_dks, stride_dvs, b, hk, n_start, lo,
-                        tiles, n_masked, group_size, seqlen_q, seqlen_k, qk_scale, softmax_scale, HEAD_DIM,
-                        HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, DQ_EARLY, NUM_WARPS)),
+                        kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, dk_ptr, dv_ptr, stride_dks,
+                        stride_dvs, batch, nheads_k, group_size, section, seqlen_q, seqlen_k, total, qk_scale,
+                        softmax_scale,
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, DQ_EARLY, SCHEDULE, NUM_WARPS)),
         (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, lse_smem,
-                       delta_smem, kv_bar, ready, empty, dq_full, dq_empty, lse_ptr, delta_ptr, stride_lb, stride_lh, b,
-                       q_row0, k_row, hk, lo, tiles, n_masked, group_size, HEAD_DIM, HEAD_DIM_V, BLOCK_M, STAGES,
-                       True)),
+                       delta_smem, kv_bar, kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, counter,
+                       lse_ptr, delta_ptr, stride_lb, stride_lh, batch, nheads_k, seqlen_q, seqlen_k, group_size,
+                       section, total, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, SCHEDULE, True)),
         (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, lse_smem,
-                       delta_smem, kv_bar, ready, empty, dq_full, dq_empty, lse_ptr, delta_ptr, stride_lb, stride_lh, b,
-                       q_row0, k_row, hk, lo, tiles, n_masked, group_size, HEAD_DIM, HEAD_DIM_V, BLOCK_M, STAGES,
-                       False)),
+                       delta_smem, kv_bar, kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, counter,
+                       lse_ptr, delta_ptr, stride_lb, stride_lh, batch, nheads_k, seqlen_q, seqlen_k, group_size,
+                       section, total, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, SCHEDULE, False)),
     ], [1, 1], [WORKER_REGS, WORKER_REGS])
 
 
@@ -479,7 +610,18 @@ _DEFAULT_MIN_SK = {(d, causal): 0 for d in (64, 128, 256) for causal in (False, 
 
 def gluon_bwd_tiles(d):
     """``(BLOCK_N, STAGES)`` of the Gluon backward at head dim ``d``: keys a program and Q/dO ring stages."""
-    return (WIDE_BLOCK_N, WIDE_STAGES) if d > 128 else (BLOCK_N, STAGES)
+    if d > 128:
+        return WIDE_BLOCK_N, WIDE_STAGES
+    return BLOCK_N, STAGES_64 if d <= 64 else STAGES
+
+
+def gluon_bwd_schedule(d, causal):
+    """The Gluon backward's ``SCHEDULE`` at head dim ``d``: 1 (persistent) for non-causal calls at D <= 128 with
+    ``PERSISTENT``, 2 (persistent, dynamic order) for causal ones at D = 64 with ``DYNAMIC``, else 0 (a program
+    per item)."""
+    if causal:
+        return 2 if DYNAMIC and d <= 64 else 0
+    return 1 if PERSISTENT and d <= 128 else 0
 
 
 def gluon_shapes_ok(q, k, v, dk, dv, do, lse, *, varlen, causal, window) -> bool:
@@ -525,11 +667,16 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
     head_bytes = seqlen_q * group * (d * (q.element_size() + 4) + dv_dim * do.element_size())
     section = l2_section(head_bytes, batch * nheads_k, L2_MB)
     block_n, stages = gluon_bwd_tiles(d)
+    schedule = gluon_bwd_schedule(d, causal)
+    items = batch * nheads_k * (seqlen_k // block_n)
+    # The next item's counter (schedule 2): the first item of each program is its own, so it counts from 0.
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if schedule == 2 else lse
     launch_cached(
-        _attn_bwd_gluon_kernel, (batch * nheads_k * (seqlen_k // block_n),),
+        _attn_bwd_gluon_kernel, (min(items, sm_count(q.device)) if schedule else items,),
         _desc(q, BLOCK_M), _desc(k, block_n), _desc(v, block_n), _desc(do, BLOCK_M), _desc(dq_acc, BLOCK_M), lse,
-        delta, dk, dv, dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
-        batch, nheads_k, seqlen_q, seqlen_k, group, section, qk_scale, softmax_scale,
+        delta, dk, dv, counter, dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
+        batch, nheads_k, seqlen_q, seqlen_k, group, section, items, qk_scale, softmax_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
-        DQ_EARLY=DQ_EARLY, NUM_WARPS=NUM_WARPS, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS,
+        DQ_EARLY=DQ_EARLY, SCHEDULE=schedule, ID_SLOTS=ID_SLOTS, NUM_WARPS=NUM_WARPS,
+        WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS,
     )

@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ..configs import sm_count
-from .bwd_gluon import _desc, _sectioned, gluon_switch
+from .bwd_gluon import ID_SLOTS, _desc, _next_item, _sectioned, _take_item, gluon_switch
 from .fwd import fwd_softmax_args
 from .fwd_hopper import _tma_ok
 from .launch import l2_section, launch_cached
@@ -47,7 +47,6 @@ from .launch import l2_section, launch_cached
 BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
 LOADER_REGS = 24  # the TMA producer's register budget (setmaxnreg)
 CONSUMER_REGS = 240  # the second consumer warpgroup's (the first, the default partition, gets the rest)
-ID_SLOTS = 4  # dynamic scheduling: work items the producer may take ahead of the consumers
 O_COLS = 128  # o_tma: the columns of O a warpgroup's buffer holds (D = 256: two stores of half the columns)
 
 
@@ -156,42 +155,6 @@ def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLO
         n_tiles = gl.minimum((m_start + BLOCK_M + off + BLOCK_N - 1) // BLOCK_N, n_tiles)
         n_free = gl.minimum((m_start + off + 1) // BLOCK_N, n_tiles)
     return m_start, bh // nheads, h, h // group_size, n_tiles, n_free
-
-
-@gluon.jit
-def _take_item(t, i, counter, ids, id_ready, id_empty, DYNAMIC: gl.constexpr):
-    """The producer: this program's work item after ``t`` (its ``i + 1``-th): ``t + programs``, or, ``DYNAMIC``,
-    the next one not yet taken by any program (from ``counter``, atomically), handed to the consumers through
-    slot ``i`` of the ring ``ids``. Past the last item (>= total) ends the loops."""
-    if DYNAMIC:
-        # Relaxed: the counter orders no other memory (the acq_rel add's fence showed as membar stalls in the
-        # producer's profile).
-        t = gl.atomic_add(counter, 1, sem="relaxed") + gl.num_programs(0)
-        SLOTS: gl.constexpr = ids.shape[0]
-        slot = i % SLOTS
-        layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        mbarrier.wait(id_empty.index(slot), ((i // SLOTS) & 1) ^ 1)
-        ids.index(slot).store(gl.full([1], t, gl.int32, layout))
-        mbarrier.arrive(id_ready.index(slot))
-    else:
-        t = t + gl.num_programs(0)
-    return t
-
-
-@gluon.jit
-def _next_item(t, i, ids, id_ready, id_empty, DYNAMIC: gl.constexpr):
-    """A consumer: the work item after ``t``, this program's ``i``-th: ``t + programs``, or, ``DYNAMIC``, the one
-    the producer took and handed over in slot ``i`` of ``ids`` (``_take_item``)."""
-    if DYNAMIC:
-        SLOTS: gl.constexpr = ids.shape[0]
-        slot = i % SLOTS
-        layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        mbarrier.wait(id_ready.index(slot), (i // SLOTS) & 1)
-        t = gl.max(ids.index(slot).load(layout), 0)
-        mbarrier.arrive(id_empty.index(slot))
-    else:
-        t = t + gl.num_programs(0)
-    return t
 
 
 @gluon.jit
