@@ -199,9 +199,9 @@ def _next_item(t, i, ids, id_ready, id_empty, DYNAMIC: gl.constexpr):
 
 @gluon.jit
 def _bwd_take_item(t, i, counter, ids, id_ready, id_empty, total, SCHEDULE: gl.constexpr):
-    """The producer: the program's work item after ``t`` (its ``i``-th): none (>= ``total``) with ``SCHEDULE``
-    0 (a program per item), ``t + num_programs`` with 1, with 2 (dynamic) the next one no program has taken
-    (``counter``), handed to the other partitions through ``ids`` (``_take_item``)."""
+    """The producer: the program's work item after ``t`` (its ``i``-th, from 0): none (>= ``total``) with
+    ``SCHEDULE`` 0 (a program per item), ``t + num_programs`` with 1, with 2 (dynamic) the next one no program
+    has taken (``counter``), handed to the other partitions through ``ids`` (``_take_item``)."""
     if SCHEDULE == 0:
         t = total
     else:
@@ -225,11 +225,11 @@ def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_sme
                 lse_ptr, delta_ptr, stride_lb, stride_lh, batch, nheads_k, seqlen_q, seqlen_k, group_size, section,
                 total, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, SCHEDULE: gl.constexpr, LOADER: gl.constexpr):
-    """A one-warp partition walking the program's work items (``_bwd_item``: every ``num_programs``-th) and
-    their tiles in the compute partition's order (per query head the masked tiles, then the mask-free ones):
-    ``LOADER``, the producer (an item's K and V once the compute partition is done with the last item's, then
-    Q and dO of every tile by TMA and its rows' LSE and delta, ``STAGES`` ahead, across items); else the dQ
-    writer."""
+    """A one-warp partition walking the program's work items (``_bwd_item``, in ``SCHEDULE``'s order:
+    ``_bwd_take_item``) and their tiles in the compute partition's order (per query head the masked tiles, then
+    the mask-free ones): ``LOADER``, the producer (an item's K and V once the compute partition is done with the
+    last item's, then Q and dO of every tile by TMA and its rows' LSE and delta, ``STAGES`` ahead, across
+    items); else the dQ writer."""
     it = 0  # tiles of the items before
     i = 0  # items before
     t = gl.program_id(0)
