@@ -10,7 +10,7 @@ from test_hopper import _inputs
 from triflash import flash_attn_func
 from triflash.kernels import bwd_gluon
 
-# (B, S_q, S_k, H, H_k, D) and flags: whole 64-row query tiles and 128-key blocks (64 at D=256).
+# (B, S_q, S_k, H, H_k, D) and flags: whole 64-row query tiles (128 at D=64) and 128-key blocks (64 at D=256).
 CASES = {
     "mha-d64": dict(shape=(2, 512, 512, 2, 2, 64)),
     "gqa-d128-sq-lt-sk": dict(shape=(2, 256, 1152, 4, 2, 128)),
@@ -36,11 +36,13 @@ def test_gluon_bwd_shapes(monkeypatch):
     """What the Gluon backward takes: whole tiles, D = Dv in {64, 128, 256}, 2-byte types, packed heads, causal
     S_q <= S_k; never on the CPU, with deterministic=True, softcap or a sink; by default from the S_k where
     it measured faster (now every length; TRIFLASH_GLUON_BWD=1: wherever it can run, 0: never)."""
-    q, k, v = _inputs((1, 64, 128, 2, 2, 64), torch.bfloat16, "cpu")
+    q, k, v = _inputs((1, 128, 128, 2, 2, 64), torch.bfloat16, "cpu")
     assert _shapes_ok(q, k, v) and _shapes_ok(q, k, v, causal=True)
+    assert not _shapes_ok(*_inputs((1, 64, 128, 2, 2, 64), torch.bfloat16, "cpu"))  # D=64: 128-row tiles
+    assert _shapes_ok(*_inputs((1, 64, 128, 2, 2, 128), torch.bfloat16, "cpu"))  # D=128: 64-row tiles
     assert not _shapes_ok(q, k, v, window=True) and not _shapes_ok(q, k, v, varlen=True)
     assert not _shapes_ok(*_inputs((1, 32, 128, 2, 2, 64), torch.bfloat16, "cpu"))  # 32 rows
-    assert not _shapes_ok(*_inputs((1, 64, 192, 2, 2, 64), torch.bfloat16, "cpu"))  # 192 keys
+    assert not _shapes_ok(*_inputs((1, 128, 192, 2, 2, 64), torch.bfloat16, "cpu"))  # 192 keys
     assert not _shapes_ok(*_inputs((1, 256, 128, 2, 2, 64), torch.bfloat16, "cpu"), causal=True)  # S_q > S_k
     assert _shapes_ok(*_inputs((1, 64, 192, 2, 2, 256), torch.bfloat16, "cpu"))  # D=256: 64-key blocks
     assert not _shapes_ok(*_inputs((1, 64, 160, 2, 2, 256), torch.bfloat16, "cpu"))
@@ -49,7 +51,7 @@ def test_gluon_bwd_shapes(monkeypatch):
     assert not _shapes_ok(q256, k256, _inputs((1, 64, 128, 2, 2, 128), torch.bfloat16, "cpu")[2])  # Dv != D
     assert not _shapes_ok(*_inputs((1, 64, 128, 2, 2, 64), torch.float32, "cpu"))
     assert not _shapes_ok(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)  # heads not packed
-    lse = torch.empty(1, 2, 64)
+    lse = torch.empty(1, 2, 128)
     kw = dict(varlen=False, causal=False, window=False, softcap=0.0, sink=None, deterministic=False)
     monkeypatch.setenv("TRIFLASH_GLUON_BWD", "1")
     assert not bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, **kw)  # CPU tensors
@@ -76,9 +78,11 @@ def test_compile_sm90_gluon_bwd():
         # One tile loop, two under causal (masked tiles first) but at D=256 (one loop, the mask runtime).
         loops = 1 if r["head_dim"] == 256 else 1 + r["causal"]
         assert r["smem"] <= 232448 and r["hot_loops"] == loops and r["loop_spills"] == 0, r
-        # D=256 causal: the one-warp producer (24 registers) spills 8 bytes in its set-up, outside every loop;
-        # the compute warps and all loops spill nothing.
-        assert max(r["spill_stores"]) <= (8 if r["head_dim"] == 256 and r["causal"] else 0), r
+        # The one-warp workers (24 registers) spill a few item-level values, outside the tile loops that issue
+        # wgmma: D=256 causal 8 bytes in the producer's set-up, D=64 (128-row tiles, persistent) 4 bytes, causal
+        # (the dynamic order's item hand-over) 72; the compute warps spill nothing.
+        allowed = {(256, True): 8, (64, False): 4, (64, True): 72}.get((r["head_dim"], r["causal"]), 0)
+        assert max(r["spill_stores"]) <= allowed, r
 
 
 @pytest.mark.gpu

@@ -3,7 +3,7 @@
 FlashAttention-3's scheme, written with explicit warpgroups (plain Triton 3.6 cannot split dQ's
 contraction over keys across its consumer warpgroups, ``bwd_hopper.py``). A work item is a block of
 ``BLOCK_N`` = 128 keys (64 at D = 256) of one kv head; its program loops over (query head of the GQA group, query
-tile of ``BLOCK_M`` = 64 rows):
+tile of ``BLOCK_M`` = 64 rows (128 at D = 64, ``BLOCK_M_64``)):
 
 - a producer warp loads K and V once, then each tile's Q and dO by TMA into a ring of ``STAGES`` buffers
   (``ready``/``empty`` mbarriers) and the tile's LSE and delta rows into shared memory beside them (plain
@@ -55,12 +55,18 @@ from .fwd_hopper import _tma_ok
 from .launch import TmaDesc, l2_section, launch_cached
 
 BLOCK_M = 64
+# D = 64: 128-row query tiles (half the tiles, so half the per-tile barriers, fences and hand-overs for the same
+# work; S^T and dP^T 64 registers each a thread, no loop spills; 231.8 KB of shared memory with two stages). H100,
+# 2026-11-25, scripts/bwd_variants.py, x cuDNN at 1k / 4k / 16k, two runs, 64 -> 128 rows: non-causal 0.98 / 0.95 /
+# 1.00 -> 1.04 / 1.03 / 1.07 and 0.97 / 0.98 / 0.99 -> 1.03 / 1.05 / 1.07 (486 TFLOP/s at 16k); causal 0.98 / 1.01 /
+# 1.02 -> 1.02 / 1.09 / 1.10 and 1.02 / 1.02 / 1.02 -> 1.01 / 1.04 / 1.09.
+BLOCK_M_64 = 128
 BLOCK_N = 128
 NUM_WARPS = 8  # the compute partition: two warpgroups
 STAGES = 2
-# D = 64: a third Q/dO stage (148 KiB of shared memory in all). H100, 2026-11-25, scripts/bwd_variants.py, x cuDNN
-# at 1k / 4k / 16k, two stages -> three: non-causal 0.97 / 0.94 / 0.98 -> 0.97 / 0.97 / 1.00 (another run: 0.97 /
-# 0.95 / 0.98 -> 0.98 / 0.96 / 1.00); causal (dynamic order) 1k-4k +0-2%.
+# D = 64 with 64-row tiles (BLOCK_M_64 = 64; 128-row tiles leave room for two): a third Q/dO stage (148 KiB of
+# shared memory in all). H100, 2026-11-25, x cuDNN at 1k / 4k / 16k, two stages -> three: non-causal 0.97 / 0.94 /
+# 0.98 -> 0.97 / 0.97 / 1.00 (another run: 0.97 / 0.95 / 0.98 -> 0.98 / 0.96 / 1.00); causal 1k-4k +0-2%.
 STAGES_64 = 3
 # D = 256: 64 keys a program, one Q/dO stage (K, V, Q, dO, P^T, dS^T and the fp32 dQ share: 208 KiB).
 WIDE_BLOCK_N = 64
@@ -609,10 +615,13 @@ _DEFAULT_MIN_SK = {(d, causal): 0 for d in (64, 128, 256) for causal in (False, 
 
 
 def gluon_bwd_tiles(d):
-    """``(BLOCK_N, STAGES)`` of the Gluon backward at head dim ``d``: keys a program and Q/dO ring stages."""
+    """``(BLOCK_M, BLOCK_N, STAGES)`` of the Gluon backward at head dim ``d``: query rows a tile, keys a work
+    item, Q/dO ring stages."""
     if d > 128:
-        return WIDE_BLOCK_N, WIDE_STAGES
-    return BLOCK_N, STAGES_64 if d <= 64 else STAGES
+        return BLOCK_M, WIDE_BLOCK_N, WIDE_STAGES
+    if d <= 64:
+        return BLOCK_M_64, BLOCK_N, STAGES_64 if BLOCK_M_64 == BLOCK_M else STAGES
+    return BLOCK_M, BLOCK_N, STAGES
 
 
 def gluon_bwd_schedule(d, causal):
@@ -626,15 +635,16 @@ def gluon_bwd_schedule(d, causal):
 
 def gluon_shapes_ok(q, k, v, dk, dv, do, lse, *, varlen, causal, window) -> bool:
     """Dense batches of packed heads (q, k, v, dO, dK, dV), D = Dv in {64, 128, 256}, fp16/bf16, no window but
-    the causal one with ``S_q <= S_k``, ``S_q`` a multiple of 64 and ``S_k`` of the program's keys (128; 64 at
-    D = 256), LSE rows contiguous."""
+    the causal one with ``S_q <= S_k``, ``S_q`` a multiple of the tile's rows (64; 128 at D = 64) and ``S_k`` of
+    the work item's keys (128; 64 at D = 256), LSE rows contiguous."""
     if varlen or window:
         return False
     d, dv_dim = q.shape[-1], v.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128, 256) or dv_dim != d:
         return False
     s_q, s_k = q.shape[1], k.shape[1]
-    if s_q == 0 or s_k == 0 or s_q % BLOCK_M or s_k % gluon_bwd_tiles(d)[0] or (causal and s_q > s_k):
+    block_m, block_n, _ = gluon_bwd_tiles(d)
+    if s_q == 0 or s_k == 0 or s_q % block_m or s_k % block_n or (causal and s_q > s_k):
         return False
     return lse.stride(-1) == 1 and all(_tma_ok(x) for x in (q, k, v, do, dk, dv))
 
@@ -666,17 +676,17 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
     group = nheads // nheads_k
     head_bytes = seqlen_q * group * (d * (q.element_size() + 4) + dv_dim * do.element_size())
     section = l2_section(head_bytes, batch * nheads_k, L2_MB)
-    block_n, stages = gluon_bwd_tiles(d)
+    block_m, block_n, stages = gluon_bwd_tiles(d)
     schedule = gluon_bwd_schedule(d, causal)
     items = batch * nheads_k * (seqlen_k // block_n)
     # The next item's counter (schedule 2): the first item of each program is its own, so it counts from 0.
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if schedule == 2 else lse
     launch_cached(
         _attn_bwd_gluon_kernel, (min(items, sm_count(q.device)) if schedule else items,),
-        _desc(q, BLOCK_M), _desc(k, block_n), _desc(v, block_n), _desc(do, BLOCK_M), _desc(dq_acc, BLOCK_M), lse,
+        _desc(q, block_m), _desc(k, block_n), _desc(v, block_n), _desc(do, block_m), _desc(dq_acc, block_m), lse,
         delta, dk, dv, counter, dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
         batch, nheads_k, seqlen_q, seqlen_k, group, section, items, qk_scale, softmax_scale,
-        HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
+        HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         DQ_EARLY=DQ_EARLY, SCHEDULE=schedule, ID_SLOTS=ID_SLOTS, NUM_WARPS=NUM_WARPS,
         WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS,
     )
