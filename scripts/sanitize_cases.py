@@ -74,7 +74,8 @@ def gluon_fwd_cases(dtype):
     """The Gluon forward (sm_90; TRIFLASH_GLUON_FWD=1): causal GQA with S_q < S_k at D=128 and D=256 (64-key
     tiles), and persistent launches with more work items (256) than SMs: non-causal (a stride of programs; at
     D=128 two Q buffers, each next item's Q loaded a whole item ahead) and causal (each program's next item from the
-    atomic counter, handed to the consumers through shared memory); O through shared memory by TMA at D <= 128."""
+    atomic counter, handed to the consumers through shared memory); O through shared memory by TMA (at D=256 in
+    two column halves)."""
     os.environ["TRIFLASH_GLUON_FWD"] = "1"
     errs = [dense(dtype, 256, 384, 4, 2, 128, 128, causal=True), dense(dtype, 128, 192, 2, 1, 256, 256, causal=True),
             dense(dtype, 2048, 2048, 16, 4, 64, 64), dense(dtype, 2048, 2048, 16, 4, 128, 128),
