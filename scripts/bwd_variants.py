@@ -70,8 +70,8 @@ def _knobs(name):
     """A provider with module knobs set as ``name`` says. ``gluon-...``: the Gluon backward forced on at every
     length, ``-early0`` / ``-early1`` (the tile's dQ GEMM after / before dK), ``-lN`` (L2 sections of N MiB,
     0: none), ``-p0`` / ``-p1`` (one program per work item / persistent where it applies), ``-dyn0`` / ``-dyn1`` (the
-    same for causal calls, persistent in a dynamic order), ``-sN`` (Q/dO ring stages at D = 64), ``-mN``
-    (query rows a tile at D = 64);
+    same for causal calls, persistent in a dynamic order; ``-dmaxN``: up to head dim N), ``-sN`` (Q/dO ring
+    stages at D = 64), ``-mN`` (query rows a tile at D = 64);
     ``hopper-lN``: the deterministic Hopper dK/dV kernel's L2 sections."""
     module = bwd_gluon if name.startswith("gluon") else bwd_hopper
     knobs = {}
@@ -86,6 +86,8 @@ def _knobs(name):
             knobs["DYNAMIC"] = part == "dyn1"
         elif part.startswith("s"):  # Q/dO ring stages at D = 64 (64-row tiles)
             knobs["STAGES_64"] = int(part[1:])
+        elif part.startswith("dmax"):  # the largest head dim whose causal calls take the dynamic order
+            knobs["DYNAMIC_MAX_D"] = int(part[4:])
         elif part.startswith("m"):  # query rows a tile at D = 64
             knobs["BLOCK_M_64"] = int(part[1:])
     saved = {k: getattr(module, k) for k in knobs}

@@ -119,7 +119,9 @@ def _build_report(kernel, sig, consts, cfg, head_dim, causal, source=ASTSource):
     return dict(head_dim=head_dim, causal=causal, config=list(dataclasses.astuple(cfg)),
                 atomics=len(re.findall(r"atom\.global\.gpu\.relaxed\.add\.v2\.f32", ptx)),
                 wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
-                tma_reduce="cp.reduce.async.bulk.tensor" in ptx, warp_specialized="setmaxnreg" in ptx,
+                tma_reduce="cp.reduce.async.bulk.tensor" in ptx,
+                tma_store=re.search(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx) is not None,
+                warp_specialized="setmaxnreg" in ptx,
                 smem=compiled.metadata.shared,
                 spill_stores=[int(n) for n in re.findall(r"(\d+) bytes spill stores", report)],
                 **dict(zip(("hot_loops", "loop_spills"), loop_spills(compiled.asm["cubin"]))))
@@ -153,15 +155,16 @@ def _signature(kernel, consts, **given):
 
 def compile_bwd_gluon(head_dim, causal):
     """The Gluon backward as launched for bf16: host TMA descriptors over Q, dO, the fp32 dQ accumulator (64-row
-    blocks; 128 at D=64), K, V (128 rows; 64 at D=256)."""
+    blocks; 128 at D=64), K, V, dK, dV (128 rows; 64 at D=256)."""
     kernel = bwd_gluon._attn_bwd_gluon_kernel
     m, n, stages = bwd_gluon.gluon_bwd_tiles(head_dim)
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=m, BLOCK_N=n,
                   STAGES=stages, CAUSAL=causal, DQ_EARLY=bwd_gluon.DQ_EARLY, NUM_WARPS=bwd_gluon.NUM_WARPS,
-                  SCHEDULE=bwd_gluon.gluon_bwd_schedule(head_dim, causal), ID_SLOTS=bwd_gluon.ID_SLOTS,
-                  WORKER_REGS=bwd_gluon.WORKER_REGS)
+                  SCHEDULE=bwd_gluon.gluon_bwd_schedule(head_dim, causal),
+                  ID_SLOTS=bwd_gluon.ID_SLOTS, WORKER_REGS=bwd_gluon.WORKER_REGS)
     sig = _signature(kernel, consts, counter="*i32", q_desc=_desc_type(m, head_dim), do_desc=_desc_type(m, head_dim),
                      k_desc=_desc_type(n, head_dim), v_desc=_desc_type(n, head_dim),
+                     dk_desc=_desc_type(n, head_dim), dv_desc=_desc_type(n, head_dim),
                      dq_desc=_desc_type(m, head_dim, gl.float32))  # dQ: the fp32 accumulator
     cfg = AttnBwdConfig(m, n, bwd_gluon.NUM_WARPS, stages)
     return _build_report(kernel, sig, consts, cfg, head_dim, causal, GluonASTSource)

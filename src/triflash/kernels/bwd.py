@@ -377,7 +377,7 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
     dummy = q
     if max_seqlen_q > 0:
         launch_cached(
-            _attn_bwd_preprocess_kernel, (triton.cdiv(max_seqlen_q, 64), nheads, batch),
+            _attn_bwd_preprocess_kernel, (-(-max_seqlen_q // 64), nheads, batch),
             out, do, lse, dlse if dlse is not None else dummy, delta,
             sink if sink is not None else dummy, dsink_rows if sink is not None else dummy,
             cu_seqlens_q if varlen_q else dummy,
@@ -386,6 +386,16 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
             HAS_DLSE=dlse is not None, HAS_SINK=sink is not None,
         )
     qk_scale, softcap_scale = softmax_args(softmax_scale, softcap)
+    if gluon:
+        # dQ added into a zeroed fp32 accumulator, then dq = acc * softmax_scale in one pass (read fp32, write dq's
+        # dtype): mul_ then copy_ read the accumulator twice and wrote it once more, ~90 us of a 1k causal
+        # backward's ~860 at B*S = 16k, D*H = 2048 (H100, 2026-11-24). None of the portable kernels' arguments
+        # below: short calls wait on the host's time per call.
+        dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32)
+        attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, qk_scale=qk_scale, softmax_scale=softmax_scale,
+                       causal=causal)
+        torch.mul(dq_acc, softmax_scale, out=dq)
+        return dsink  # None: no sink on this path
     left, right, has_left, has_right = window_args(window_left, window_right)
     common = dict(
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim),
@@ -399,14 +409,11 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
                left, right)
     in_strides = (*_strides3(q, varlen_q), *_strides3(k, varlen_k), *_strides3(v, varlen_k),
                   *_strides3(do, varlen_q))
-    # fp32 dQ accumulator of the paths that add dQ shares (the Gluon kernel, the atomic-dQ kernel): contiguous,
-    # unscaled, zero where no key is seen; dq = acc * softmax_scale at the end. On Hopper each tile is added
-    # with one TMA reduce-add instead of per-element atomics.
-    dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if atomic or gluon else dummy
-    if gluon:
-        attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, qk_scale=qk_scale, softmax_scale=softmax_scale,
-                       causal=causal)
-    elif hopper and max_seqlen_k > 0:
+    # fp32 dQ accumulator of the atomic-dQ kernel (and the Gluon kernel's, above): contiguous, unscaled, zero
+    # where no key is seen; dq = acc * softmax_scale at the end. On Hopper each tile is added with one TMA
+    # reduce-add instead of per-element atomics.
+    dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if atomic else dummy
+    if hopper and max_seqlen_k > 0:
         attn_bwd_hopper_dkdv(do, q, k, v, lse, delta, dk, dv, qk_scale=qk_scale, softcap_scale=softcap_scale,
                              softmax_scale=softmax_scale, softcap=softcap, causal=causal)
     dq_mode = 0
@@ -415,7 +422,7 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
         if dq_mode == 2:
             ensure_scratch_allocator()
     dq_rows = dq_acc.shape[0] if varlen_q else dq_acc.shape[0] * dq_acc.shape[1]
-    if max_seqlen_k > 0 and not hopper and not gluon:
+    if max_seqlen_k > 0 and not hopper:
         cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None,
                                    "fused" if atomic else "dkdv")
         launch(
@@ -426,10 +433,8 @@ def attn_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, *, cu_seqlens_q, cu_seqlen
             *scalars, dq_rows, nheads * d, **common, **_tiles(cfg), DQ_MODE=dq_mode,
             HAS_SINK=atomic and sink is not None,
         )
-    if atomic or gluon:
-        # One pass (read fp32, write dq's dtype): mul_ then copy_ read the accumulator twice and wrote it once
-        # more, ~90 us of a 1k causal backward's ~860 at B*S = 16k, D*H = 2048 (H100, 2026-11-24).
-        torch.mul(dq_acc, softmax_scale, out=dq)
+    if atomic:
+        torch.mul(dq_acc, softmax_scale, out=dq)  # one pass (the Gluon path's note above)
     elif max_seqlen_q > 0:
         dq_cfg = pick_attn_bwd_config(q.device, d, dv_dim, q.dtype, window_right is not None, "dq")
         launch(

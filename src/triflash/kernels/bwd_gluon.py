@@ -25,8 +25,9 @@ dQ's order of addition varies from run to run, so this path serves ``determinist
 (``bwd.attn_bwd``); dense batches of packed heads, D = Dv in {64, 128, 256}, fp16/bf16, whole tiles, no
 softcap, sink or window but the causal one; the default there on sm_90 (``gluon_bwd_eligible``). Work items
 go in L2 sections of heads (``_bwd_item``). Non-causal at D <= 128 and causal at D = 64 the programs are
-persistent, one per SM (``gluon_bwd_schedule``): the compute partition hands K and V back once the item's last
-GEMM is done, and the producer loads the next item's while dK and dV are stored; causal, each program takes the
+persistent, one per SM (``gluon_bwd_schedule``): the producer loads the next item's Q and dO tiles while the
+last ones are computed, and its K and V once dK and dV have left through K's and V's buffers (TMA stores, every
+schedule); causal, each program takes the
 next item no program has taken (an atomic counter; in a fixed stride the programs drift apart over items of
 unequal length and leave the L2 sections), the producer handing it to the other partitions through shared
 memory.
@@ -88,6 +89,7 @@ DQ_EARLY = True
 # 0.99 and 0.85 / 0.96 / 0.99 -> 0.83 / 1.00 / 1.04; D=128 0.94 / 0.97 / 1.01 -> 0.95 / 0.95 / 1.00 (not taken).
 PERSISTENT = True
 DYNAMIC = True
+DYNAMIC_MAX_D = 64
 ID_SLOTS = 4  # dynamic scheduling: work items the producer may take ahead of the other partitions
 WORKER_REGS = 24  # the TMA producer's and dQ writer's register budgets (setmaxnreg); the compute warps get the rest
 
@@ -413,15 +415,15 @@ def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem
 
 @gluon.jit
 def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem, delta_smem, kv_bar, kv_empty,
-                 ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, dk_ptr, dv_ptr, stride_dks, stride_dvs,
-                 batch, nheads_k, group_size, section, seqlen_q, seqlen_k, total, qk_scale, softmax_scale,
+                 ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, dk_desc, dv_desc, batch, nheads_k,
+                 group_size, section, seqlen_q, seqlen_k, total, qk_scale, softmax_scale,
                  HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, SCHEDULE: gl.constexpr,
                  NUM_WARPS: gl.constexpr):
     """The two compute warpgroups, per work item of the program (``_bwd_item``): five GEMMs per tile, dK/dV in
     registers, dQ shares handed to the writer; per query head, the tiles that straddle the causal diagonal
-    (masked) first, then the rest. K and V are handed back before dK and dV are stored, so that the next item's
-    load runs under the stores."""
+    (masked) first, then the rest. dK and dV go out through K's and V's buffers by TMA; those are handed back to
+    the producer once the stores have read them."""
     dtype: gl.constexpr = k_smem.dtype
     WIDE: gl.constexpr = HEAD_DIM > 128  # D = 256 (_bwd_tile_wide, gluon_bwd_tiles)
     # Keys along M (64 per warpgroup) for S^T, dP^T, dK, dV; dQ splits its head dim between the warpgroups.
@@ -480,28 +482,34 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse
                 dk, dv = _bwd_tile(free0 + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse_smem,
                                    delta_smem, ready, empty, dq_full, dq_empty, 0, qk_scale, zero_s, zero_dq,
                                    pa_layout, dsa_layout, STAGES, False, DQ_EARLY)
-        # Every GEMM of the item has been waited for: K and V are free for the next item's.
-        mbarrier.arrive(kv_empty)
         it += group_size * tiles
+        # dK and dV out through K's and V's buffers by TMA, once every warp's last GEMM has read them; K and V are
+        # handed back once the stores have read them. From registers (plain stores, 16 bytes a row a warp) these
+        # stalled the compute warps on the memory queue: 12% of the kernel's samples at D=128 1k (ncu, H100,
+        # 2026-11-25). x cuDNN, registers -> TMA, 1k / 4k / 16k: D=128 0.95 / 1.10 / 1.04 -> 1.02 / 1.12 / 1.09,
+        # causal 0.95 / 0.99 / 1.05 -> 1.04 / 1.06 / 1.06; D=256 1.02 / 1.07 / 1.15 -> 1.10 / 1.12 / 1.16, causal
+        # 0.94 / 1.04 / 1.09 -> 1.00 / 1.09 / 1.10; D=64 within 3% either way.
+        gl.thread_barrier()
+        k_smem.store((dk * softmax_scale).to(dtype))
+        v_smem.store(dv.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # every thread's share is in before the stores are issued
         # The item again rather than its (b, hk, n_start) kept across the loops (D = 256 spilled them there).
         b, hk, n_start, lo, tiles, n_masked = _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, BLOCK_M,
                                                         BLOCK_N, CAUSAL)
-        b64 = b.to(gl.int64)
-        k_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dk_layout)).to(gl.int64)
-        d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dk_layout))
-        gl.store(dk_ptr + (k_rows * stride_dks + hk * HEAD_DIM)[:, None] + d_cols[None, :],
-                 (dk * softmax_scale).to(dtype))
-        v_rows = (b64 * seqlen_k + n_start) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dv_layout)).to(gl.int64)
-        dv_cols = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, dv_layout))
-        gl.store(dv_ptr + (v_rows * stride_dvs + hk * HEAD_DIM_V)[:, None] + dv_cols[None, :], dv.to(dtype))
+        k_row = b * seqlen_k + n_start
+        tma.async_copy_shared_to_global(dk_desc, [k_row, hk * HEAD_DIM], k_smem)
+        tma.async_copy_shared_to_global(dv_desc, [k_row, hk * HEAD_DIM_V], v_smem)
+        tma.store_wait(pendings=0)
+        gl.thread_barrier()  # the warps that issued the stores have seen them read
+        mbarrier.arrive(kv_empty)
         t = _bwd_next_item(t, i, ids, id_ready, id_empty, total, SCHEDULE)
         i += 1
 
 
 @gluon.jit
 def _attn_bwd_gluon_kernel(
-    q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, counter,
-    stride_dks, stride_dvs, stride_lb, stride_lh,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, counter, stride_lb, stride_lh,
     batch, nheads_k, seqlen_q, seqlen_k, group_size, section, total, qk_scale, softmax_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, SCHEDULE: gl.constexpr,
@@ -560,9 +568,8 @@ def _attn_bwd_gluon_kernel(
     # The worker partitions (one warp each): the TMA producer, then the dQ writer.
     gl.warp_specialize([
         (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem, delta_smem, kv_bar,
-                        kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, dk_ptr, dv_ptr, stride_dks,
-                        stride_dvs, batch, nheads_k, group_size, section, seqlen_q, seqlen_k, total, qk_scale,
-                        softmax_scale,
+                        kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, dk_desc, dv_desc, batch,
+                        nheads_k, group_size, section, seqlen_q, seqlen_k, total, qk_scale, softmax_scale,
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, DQ_EARLY, SCHEDULE, NUM_WARPS)),
         (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, lse_smem,
                        delta_smem, kv_bar, kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, counter,
@@ -629,7 +636,7 @@ def gluon_bwd_schedule(d, causal):
     ``PERSISTENT``, 2 (persistent, dynamic order) for causal ones at D = 64 with ``DYNAMIC``, else 0 (a program
     per item)."""
     if causal:
-        return 2 if DYNAMIC and d <= 64 else 0
+        return 2 if DYNAMIC and d <= DYNAMIC_MAX_D else 0
     return 1 if PERSISTENT and d <= 128 else 0
 
 
@@ -683,8 +690,8 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if schedule == 2 else lse
     launch_cached(
         _attn_bwd_gluon_kernel, (min(items, sm_count(q.device)) if schedule else items,),
-        _desc(q, block_m), _desc(k, block_n), _desc(v, block_n), _desc(do, block_m), _desc(dq_acc, block_m), lse,
-        delta, dk, dv, counter, dk.stride(1), dv.stride(1), lse.stride(0), lse.stride(1),
+        _desc(q, block_m), _desc(k, block_n), _desc(v, block_n), _desc(do, block_m), _desc(dq_acc, block_m),
+        _desc(dk, block_n), _desc(dv, block_n), lse, delta, counter, lse.stride(0), lse.stride(1),
         batch, nheads_k, seqlen_q, seqlen_k, group, section, items, qk_scale, softmax_scale,
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         DQ_EARLY=DQ_EARLY, SCHEDULE=schedule, ID_SLOTS=ID_SLOTS, NUM_WARPS=NUM_WARPS,

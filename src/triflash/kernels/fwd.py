@@ -5,6 +5,8 @@ says where a sequence lives and ``_block_range`` which key blocks a query block 
 mask-free interior and masked edges (``_fwd_inner`` is instantiated once for each).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -194,7 +196,10 @@ def _strides3(x, varlen):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+@functools.lru_cache(maxsize=None)
 def _pow2(n):
+    """``n`` rounded up to a power of two, at least 16 (cached: ``triton.next_power_of_2`` is a wrapped
+    constexpr function, ~1.5 us a call on the host)."""
     return max(16, triton.next_power_of_2(n))
 
 
