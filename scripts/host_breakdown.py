@@ -44,7 +44,8 @@ def pieces(d, causal):
     yield "fwd:   two torch.empty (out, lse)", lambda: (torch.empty_like(q), torch.empty(b, h, s, device="cuda"))
     yield "fwd:   attn_fwd_gluon", lambda: fwd_gluon.attn_fwd_gluon(q, k, v, out, lse, softmax_scale=scale,
                                                                     causal=causal)
-    yield "fwd:     torch.zeros(1) (the counter)", lambda: torch.zeros(1, dtype=torch.int32, device="cuda")
+    yield "fwd:     torch.zeros(1) (the counter before)", lambda: torch.zeros(1, dtype=torch.int32, device="cuda")
+    yield "fwd:     launch.zeroed_counter (the counter)", lambda: launch.zeroed_counter(q.device)
     yield "fwd:     three TMA descriptors", lambda: (bwd_gluon._desc(q, 64), bwd_gluon._desc(k, 128),
                                                       bwd_gluon._desc(v, 128))
     yield "bwd: torch.autograd.grad", lambda: torch.autograd.grad(og, (qg, kg, vg), dout, retain_graph=True)

@@ -170,3 +170,54 @@ def test_fast_launch_gpu(device, monkeypatch):
             assert torch.equal(a, b), name
     check_against_ref(lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_lse=True), dict(q=q, k=k, v=v),
                       dict(causal=True), ref_fp64=False)
+
+
+@pytest.mark.gpu
+def test_zeroed_counter_gpu(device, monkeypatch):
+    """``launch.zeroed_counter``, the dynamic orders' item counters: with three slots per stream, eight causal
+    forwards (D = 128) and backwards (D = 64, the backward's dynamic order) in a row reuse every slot twice and
+    more (a fill after each three calls): each call's output, LSE, dK and dV bitwise those of the first (which
+    the reference checks), dQ (added with atomics) to rounding; a CUDA graph of the forward takes a fresh
+    counter at capture and gives the same output at every replay."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels run on sm_90")
+    from triflash.kernels import bwd_gluon, launch
+
+    assert fwd_gluon._CONFIGS[(128, True)].dynamic and bwd_gluon.gluon_bwd_schedule(64, True) == 2
+    monkeypatch.setattr(launch, "_SLOTS", 3)
+    monkeypatch.setattr(launch, "_COUNTERS", {})
+    q, k, v = _inputs((2, 512, 512, 4, 2, 128), torch.bfloat16, device)
+    q64, k64, v64 = _inputs((2, 512, 512, 4, 2, 64), torch.bfloat16, device)
+    dout = torch.randn_like(q64)
+
+    def run():
+        out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
+        leaves = [x.detach().clone().requires_grad_() for x in (q64, k64, v64)]
+        return (out, lse, *torch.autograd.grad(flash_attn_func(*leaves, causal=True), leaves, dout))
+
+    first = run()
+    for _ in range(7):
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run(), first):
+            if name == "dq":
+                torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+            else:
+                assert torch.equal(a, b), name
+    (buf, views, used), = launch._COUNTERS.values()
+    assert buf.numel() == 12 and len(views) == 3 and 1 <= used <= 3
+    for x, y in ((q, k), (q64, k64)):
+        check_against_ref(lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_lse=True),
+                          dict(q=x, k=y, v=v if x is q else v64), dict(causal=True), ref_fp64=False)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        flash_attn_func(q, k, v, causal=True)  # warm-up on the capturing stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = flash_attn_func(q, k, v, causal=True)
+    for _ in range(3):
+        captured.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, first[0])

@@ -53,7 +53,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from ..configs import device_arch, sm_count
 from .fwd_hopper import _tma_ok
-from .launch import TmaDesc, l2_section, launch_cached
+from .launch import TmaDesc, l2_section, launch_cached, zeroed_counter
 
 BLOCK_M = 64
 # D = 64: 128-row query tiles (half the tiles, so half the per-tile barriers, fences and hand-overs for the same
@@ -687,7 +687,7 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
     schedule = gluon_bwd_schedule(d, causal)
     items = batch * nheads_k * (seqlen_k // block_n)
     # The next item's counter (schedule 2): the first item of each program is its own, so it counts from 0.
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if schedule == 2 else lse
+    counter = zeroed_counter(q.device) if schedule == 2 else lse
     launch_cached(
         _attn_bwd_gluon_kernel, (min(items, sm_count(q.device)) if schedule else items,),
         _desc(q, block_m), _desc(k, block_n), _desc(v, block_n), _desc(do, block_m), _desc(dq_acc, block_m),

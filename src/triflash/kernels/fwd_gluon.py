@@ -42,7 +42,7 @@ from ..configs import sm_count
 from .bwd_gluon import ID_SLOTS, _desc, _next_item, _sectioned, _take_item, gluon_switch
 from .fwd import fwd_softmax_args
 from .fwd_hopper import _tma_ok
-from .launch import l2_section, launch_cached
+from .launch import l2_section, launch_cached, zeroed_counter
 
 BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
 LOADER_REGS = 24  # the TMA producer's register budget (setmaxnreg)
@@ -569,7 +569,7 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     # cfg.l2_mb.
     section = l2_section(seqlen_k * (d + dv) * q.element_size() // group, batch * nheads, cfg.l2_mb)
     # The next item's counter: the first item of each program is its own, so it counts from 0.
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if cfg.dynamic else lse
+    counter = zeroed_counter(q.device) if cfg.dynamic else lse
     launch_cached(
         _attn_fwd_gluon_kernel, grid,
         _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n),

@@ -18,6 +18,7 @@ forward's launcher 78.6 -> 42.8 us, the Gluon backward's 124 -> 60 us (the compi
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 
 import torch
@@ -156,3 +157,35 @@ def launch_cached(kernel, grid, *args, **kwargs):
     run, function, metadata, consts, _ = hit
     run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
         torch._C._cuda_getCurrentRawStream(device), function, metadata, None, None, None, *args, *consts)
+
+
+# zeroed_counter: per (device, stream), a buffer of _SLOTS int32 counters 16 bytes apart (so that every slot has
+# the alignment the kernels were specialized on), its slot views, and the next slot.
+_SLOTS = 1024
+_COUNTERS: dict = {}
+_COUNTERS_LOCK = threading.Lock()  # two threads on one stream must not take the same slot
+
+
+def zeroed_counter(device) -> torch.Tensor:
+    """A one-element int32 tensor on ``device`` that reads 0 when the next kernel on the current stream starts:
+    the dynamic orders' item counters (which a kernel leaves at its item count). A slot of a per-stream buffer
+    that is zeroed once every ``_SLOTS`` calls, in stream order after the kernels that used it, instead of a
+    ``torch.zeros(1)`` per call (an allocation and a fill kernel: 8-29 us of host time per call on the H100
+    hosts, scripts/host_breakdown.py). While a CUDA graph is being captured, a fresh ``torch.zeros(1)`` (each
+    replay zeroes its own)."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch._C._cuda_getCurrentRawStream(index))
+    with _COUNTERS_LOCK:
+        entry = _COUNTERS.get(key)
+        if entry is None:
+            buf = torch.zeros(_SLOTS * 4, dtype=torch.int32, device=device)
+            entry = _COUNTERS[key] = [buf, [buf[4 * i:4 * i + 1] for i in range(_SLOTS)], 0]
+        buf, views, i = entry
+        if i == _SLOTS:  # every slot used since the last fill: zero them after the kernels that used them
+            buf.zero_()
+            i = 0
+        entry[2] = i + 1
+    return views[i]
+
