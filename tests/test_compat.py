@@ -66,8 +66,11 @@ def test_fa2_func(causal, device):
 
     out, lse, _ = check_against_ref(fn, tensors, dict(causal=causal))
     assert lse.shape == (2, 4, 37) and lse.dtype == torch.float32
+    # Without gradients the forward may pack GQA heads (interface._plan): the same function up to rounding, so
+    # the plain call is held to the reference rule, not to bitwise equality with the autograd call.
     plain = fa2.flash_attn_func(tensors["q"], tensors["k"], tensors["v"], 0.0, None, causal)
-    assert isinstance(plain, torch.Tensor) and torch.equal(plain, out.detach())
+    assert isinstance(plain, torch.Tensor)
+    check_fwd_against_ref(plain, None, tensors, dict(causal=causal))
 
 
 def test_fa2_packed(device):
@@ -162,8 +165,9 @@ def test_fa3_func(device):
 
     out, lse, _ = check_against_ref(fn, tensors, dict(causal=True))
     assert lse.shape == (2, 4, 45)
-    plain = fa3.flash_attn_func(tensors["q"], tensors["k"], tensors["v"], None, True)
-    assert isinstance(plain, torch.Tensor) and torch.equal(plain, out.detach())
+    plain = fa3.flash_attn_func(tensors["q"], tensors["k"], tensors["v"], None, True)  # maybe GQA-packed
+    assert isinstance(plain, torch.Tensor)
+    check_fwd_against_ref(plain, None, tensors, dict(causal=True))
 
 
 def test_fa3_varlen(device):

@@ -78,7 +78,9 @@ def _check(case, got):
         dtype = torch.float32 if name == "lse" else q.dtype
         assert got[i].dtype == dtype, f"{name}: dtype {got[i].dtype}"
         assert not torch.isnan(got[i]).any(), f"{name}: NaN"
-        assert_close(name, got[i], ref[i], pt[i].to(dtype), factor=2.0 if i < 2 else 3.0)
+        # dK and dV: the sum over the ring's ranks of each rank's block gradients, added in fp32.
+        assert_close(name, got[i], ref[i], pt[i].to(dtype), factor=2.0 if i < 2 else 3.0,
+                     fp32_sums=case[0] if i >= 3 else 1)
 
 
 def test_zigzag_roundtrip():
