@@ -32,7 +32,7 @@ for stage in "${stages[@]}"; do
       rc=$? ;;
     sanitize)
       rc=0
-      for tool in memcheck racecheck initcheck; do  # memcheck is the slowest (about 3 min for the 22 cases)
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do  # memcheck: about 3 min for the 22 cases
         limit=${SANITIZE_TIME_S:-110}; [ "$tool" = memcheck ] && limit=${MEMCHECK_TIME_S:-240}
         timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 scripts/sanitize_cases.py \
           >> "$OUT/sanitize.log" 2>&1; trc=$?
@@ -53,6 +53,13 @@ for stage in "${stages[@]}"; do
       timeout "${BWDV_TIME_S:-400}" python3 scripts/bwd_variants.py --out "$OUT/bwd_variants.jsonl" ${BWDV_ARGS:-} \
         > "$OUT/bwd_variants.log" 2>&1; rc=$? ;;
     fwdvariants)  # the forward's paths and configs against cuDNN (FWDV_ARGS: scripts/hopper_fwd_variants.py options)
+      # FWDV_BASE: a copy of an earlier tree's src/ (its parent folder) timed first, in a process of its own, with
+      # FWDV_BASE_ARGS: the same machine's baseline for the working tree's variants.
+      if [ -n "${FWDV_BASE:-}" ]; then
+        # shellcheck disable=SC2086
+        PYTHONPATH="$FWDV_BASE/src" timeout "${FWDV_TIME_S:-300}" python3 scripts/hopper_fwd_variants.py \
+          --out "$OUT/fwd_variants_base.jsonl" ${FWDV_BASE_ARGS:-} > "$OUT/fwd_variants_base.log" 2>&1
+      fi
       # shellcheck disable=SC2086
       timeout "${FWDV_TIME_S:-300}" python3 scripts/hopper_fwd_variants.py --out "$OUT/fwd_variants.jsonl" ${FWDV_ARGS:-} \
         > "$OUT/fwd_variants.log" 2>&1; rc=$? ;;
@@ -76,5 +83,6 @@ echo "---- tails"
 [ -f "$OUT/bench_portable.jsonl" ] && python3 scripts/summarize.py "$OUT/bench_portable.jsonl"
 [ -f "$OUT/decode.log" ] && tail -n 12 "$OUT/decode.log"
 [ -f "$OUT/bwd_variants.log" ] && sed -n '/^| D |/,$p' "$OUT/bwd_variants.log"
+[ -f "$OUT/fwd_variants_base.log" ] && { echo "base:"; sed -n '/^| D |/,$p' "$OUT/fwd_variants_base.log"; }
 [ -f "$OUT/fwd_variants.log" ] && sed -n '/^| D |/,$p' "$OUT/fwd_variants.log"
 printf '%s\n' "${status[@]}"

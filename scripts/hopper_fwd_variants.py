@@ -59,7 +59,8 @@ def _gluon_cfg(name, d, causal):
     the key tile (``n``), stages (``s``), causal L2 section in MB (``l``, 0: none), ping-pong
     on (``pp``) or off (``nopp``), persistent (``ps``) or not (``nops``), dynamic order (``dyn``/``nodyn``), the
     next item's first GEMM overlapped with the last (``ov``/``noov``), Q buffers (``q1``/``q2``), O by TMA or
-    from registers (``otma``/``noot``) given."""
+    from registers (``otma``/``noot``), consumer warpgroups (``w2``/``w3``; three: without ping-pong, overlap or a
+    second Q buffer), P carried in 16 bits or fp32 (``p16``/``p32``) given."""
     cfg = fwd_gluon.gluon_fwd_config(d, causal)
     for part in name.split("-")[1:]:
         if part in ("pp", "nopp"):
@@ -74,6 +75,11 @@ def _gluon_cfg(name, d, causal):
             cfg = dataclasses.replace(cfg, q_buffers=int(part[1]))
         elif part in ("otma", "noot"):
             cfg = dataclasses.replace(cfg, o_tma=part == "otma")
+        elif part in ("p16", "p32"):
+            cfg = dataclasses.replace(cfg, p16=part == "p16")
+        elif part in ("w2", "w3"):
+            three = dict(pingpong=False, overlap=False, q_buffers=1) if part == "w3" else {}
+            cfg = dataclasses.replace(cfg, consumers=int(part[1]), **three)
         elif part.startswith("n"):
             cfg = dataclasses.replace(cfg, block_n=int(part[1:]))
         elif part.startswith("l"):
@@ -104,6 +110,8 @@ def run_cell(d, causal, s, variants, dev="cuda", portable=True):
         window_right=0 if causal else None, softcap=0.0, sink=None)} if portable else {}
     for name in variants:
         if name.startswith("gluon"):
+            if "-w3" in name and d != 64:  # three consumer warpgroups have the registers for D = 64 only
+                continue
             cfg = _gluon_cfg(name, d, causal)
             provs[name] = functools.partial(fwd_gluon.attn_fwd_gluon, q, k, v, out, lse, softmax_scale=scale,
                                             causal=causal, cfg=cfg)

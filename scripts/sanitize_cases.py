@@ -7,6 +7,7 @@ the combine kernel, pack_gqa, and the KV-cache append with rotary. Each is check
 attention_ref.
 """
 
+import dataclasses
 import os
 
 import torch
@@ -80,8 +81,32 @@ def gluon_fwd_cases(dtype):
     errs = [dense(dtype, 256, 384, 4, 2, 128, 128, causal=True), dense(dtype, 128, 192, 2, 1, 256, 256, causal=True),
             dense(dtype, 2048, 2048, 16, 4, 64, 64), dense(dtype, 2048, 2048, 16, 4, 128, 128),
             dense(dtype, 2048, 2048, 16, 4, 128, 128, causal=True)]
+    errs += gluon_fwd_three_warpgroups_cases(dtype)
     del os.environ["TRIFLASH_GLUON_FWD"]
     return errs
+
+
+def gluon_fwd_three_warpgroups_cases(dtype):
+    """The Gluon forward with three consumer warpgroups at D = 64 (192-row items ending at the last query row):
+    ragged first tiles (one idle warpgroup at S_q = 320, two at 448 causal; their Q rows above row 0 loaded as
+    zeros by TMA), and persistent launches with more items (176) than SMs, non-causal and causal."""
+    from triflash.kernels import fwd_gluon
+
+    gluon_env = os.environ.get("TRIFLASH_GLUON_FWD")
+    os.environ["TRIFLASH_GLUON_FWD"] = "1"
+    saved = dict(fwd_gluon._CONFIGS)
+    for causal in (False, True):
+        fwd_gluon._CONFIGS[(64, causal)] = dataclasses.replace(saved[(64, causal)], consumers=3, pingpong=False,
+                                                               overlap=False, q_buffers=1)
+    try:
+        return [dense(dtype, 320, 320, 4, 2, 64, 64), dense(dtype, 448, 512, 2, 2, 64, 64, causal=True),
+                dense(dtype, 2112, 2112, 16, 4, 64, 64), dense(dtype, 2112, 2112, 16, 4, 64, 64, causal=True)]
+    finally:
+        fwd_gluon._CONFIGS.update(saved)
+        if gluon_env is None:
+            del os.environ["TRIFLASH_GLUON_FWD"]
+        else:
+            os.environ["TRIFLASH_GLUON_FWD"] = gluon_env
 
 
 def gluon_bwd_cases(dtype):
@@ -138,13 +163,15 @@ def all_cases(dtype):
 
 def main():
     """Every case per dtype, then the Gluon cases again (cached launches); ``SANITIZE_ONLY=gluon_fwd`` /
-    ``gluon``: the Gluon forward's cases alone / both Gluon kernels' (shorter runs)."""
-    cases = {"gluon_fwd": gluon_fwd_cases, "gluon": gluon_cases}.get(os.environ.get("SANITIZE_ONLY", ""), all_cases)
+    ``gluon_fwd3`` / ``gluon``: the Gluon forward's cases alone / those with three consumer warpgroups / both Gluon
+    kernels' (shorter runs)."""
+    subsets = {"gluon_fwd": gluon_fwd_cases, "gluon_fwd3": gluon_fwd_three_warpgroups_cases, "gluon": gluon_cases}
+    cases = subsets.get(os.environ.get("SANITIZE_ONLY", ""), all_cases)
     dtypes = (torch.float16, torch.bfloat16) if DEV == "cuda" else (torch.float16,)
     errs = [e for dtype in dtypes for e in cases(dtype)]
     # The Gluon kernels' cases once more: same specializations, so these launches take launch_cached's path
     # (the compiled kernels' launchers called directly) instead of JITFunction.run's.
-    errs += [e for dtype in dtypes for e in (gluon_fwd_cases if cases is gluon_fwd_cases else gluon_cases)(dtype)]
+    errs += [e for dtype in dtypes for e in (cases if cases in subsets.values() else gluon_cases)(dtype)]
     if DEV == "cuda":
         torch.cuda.synchronize()
     bad = [e for e in errs if not e < 0.05]

@@ -68,14 +68,83 @@ def test_gluon_fwd_shapes(monkeypatch):
 
 
 def test_compile_sm90_gluon_fwd():
-    """Build the Gluon forward for sm_90 on the CPU: wgmma, TMA loads and stores, register split between the
-    producer and the consumer warpgroups (setmaxnreg), shared memory within an H100's 227 KiB, no spills in the
-    loops (one per consumer warpgroup)."""
+    """Build the Gluon forward for sm_90 on the CPU (the six table configs, and D = 64 with the other number of
+    consumer warpgroups): wgmma, TMA loads and stores, register split between the producer and the consumer
+    warpgroups (setmaxnreg), shared memory within an H100's 227 KiB, no spills in the loops (one per consumer
+    warpgroup); three consumer warpgroups (160 registers each but the first's 168) spill nothing at all."""
     reports = sm90_reports("fwd_gluon")
-    assert len(reports) == 6
+    assert len(reports) == 8 and sorted(r["consumers"] for r in reports[-2:] + reports[:2]) == [2, 2, 3, 3]
     for r in reports:
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
-        assert r["smem"] <= 232448 and r["hot_loops"] == 2 and r["loop_spills"] == 0, r
+        assert r["smem"] <= 232448 and r["hot_loops"] == r["consumers"] and r["loop_spills"] == 0, r
+        assert r["consumers"] == 2 or max(r["spill_stores"]) == 0, r
+
+
+def _three_warpgroups(d, causal, **change):
+    """The table's config at head dim ``d`` with three consumer warpgroups (and ``change``)."""
+    return dataclasses.replace(fwd_gluon.gluon_fwd_config(d, causal), consumers=3, pingpong=False, overlap=False,
+                               q_buffers=1, **change)
+
+
+def test_gluon_fwd_three_warpgroups_shapes(monkeypatch):
+    """Three consumer warpgroups: 192-row work items, S_q any multiple of 64 (a ragged first tile); no ping-pong,
+    overlap or second Q buffer (no registers for them)."""
+    cfg = _three_warpgroups(64, False)
+    assert cfg.block_m == 192 and fwd_gluon.GluonFwdConfig(128, 2).block_m == 128
+    for bad in (dict(pingpong=True), dict(overlap=True, q_buffers=2), dict(q_buffers=2), dict(consumers=4)):
+        with pytest.raises(ValueError, match="consumers"):
+            dataclasses.replace(cfg, **bad)
+    for causal in (False, True):
+        monkeypatch.setitem(fwd_gluon._CONFIGS, (64, causal), _three_warpgroups(64, causal))
+    for s_q in (64, 320, 384):
+        q, k, v = _inputs((1, s_q, 512, 2, 2, 64), torch.bfloat16, "cpu")
+        assert _shapes_ok(q, k, v) and _shapes_ok(q, k, v, causal=True)
+    assert not _shapes_ok(*_inputs((1, 96, 128, 2, 2, 64), torch.bfloat16, "cpu"))
+
+
+# Three consumer warpgroups at D = 64, S_q a multiple of 64: (B, S_q, S_k, H, H_k) and flags. The 192-row tiles
+# end at the last query row; where S_q is not a multiple of 192 the first tile's top warpgroups have no rows
+# (one at S_q = 320, two at 448 and 64) and only release Q, K and V; batch 2 puts batch 0's tile above row 0
+# (zeros by TMA) and batch 1's over batch 0's last rows, which it must neither use nor overwrite.
+CASES_3WG = {
+    "sq320-one-idle": dict(shape=(2, 320, 320, 2, 2)),
+    "sq384-whole-gqa-sq-lt-sk": dict(shape=(1, 384, 512, 4, 2)),
+    "sq64-two-idle": dict(shape=(2, 64, 128, 2, 2)),
+    "causal-sq448-two-idle": dict(shape=(2, 448, 448, 3, 3), causal=True),
+    "causal-sq320-sq-lt-sk-gqa4": dict(shape=(1, 320, 576, 4, 1), causal=True),
+    "causal-sq64": dict(shape=(2, 64, 64, 2, 1), causal=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["table", "persistent", "one-per-item"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", list(CASES_3WG))
+def test_gluon_fwd_three_warpgroups_gpu(case, dtype, schedule, device, monkeypatch):
+    """Three consumer warpgroups (192-row work items) at D = 64 against the reference through the public API,
+    outputs poisoned, every row compared (an idle warpgroup writing over the batch before would show): ``table``, the
+    table's schedule; ``persistent``: three programs walking every item (causal: the dynamic order, so idle
+    warpgroups also read the item ring; non-causal: a stride), causal sections of at most two heads;
+    ``one-per-item``: a program per work item."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward runs on sm_90")
+    monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
+    spec = dict(CASES_3WG[case])
+    causal = spec.get("causal", False)
+    change = {"persistent": dict(persistent=True), "one-per-item": dict(persistent=False, dynamic=False)}
+    monkeypatch.setitem(fwd_gluon._CONFIGS, (64, causal), _three_warpgroups(64, causal, **change.get(schedule, {})))
+    if schedule == "persistent":
+        monkeypatch.setattr(fwd_gluon, "sm_count", lambda device: 3)
+        monkeypatch.setattr(fwd_gluon, "l2_section", lambda head_bytes, n_heads, l2_mb: min(2, n_heads))
+    q, k, v = _inputs((*spec.pop("shape"), 64), dtype, device)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=device)
+    assert fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, varlen=False, causal=causal, window=False, softcap=0.0,
+                                        sink=None)
+
+    def fn(q, k, v):
+        return flash_attn_func(q, k, v, return_lse=True, **spec)
+
+    check_against_ref(fn, dict(q=q, k=k, v=v), spec, ref_fp64=False)
 
 
 @pytest.mark.gpu

@@ -15,14 +15,19 @@ consumers through shared memory. Three partitions:
   the current one back to back (wgmma, asynchronous), runs the online softmax of the next scores while P V
   is on the tensor cores, then rescales O. P goes to the second GEMM from registers. The warpgroups drift
   apart, so one's softmax overlaps the other's GEMMs; ``pingpong`` makes them take turns explicitly.
+  ``consumers=3`` (D = 64; FlashAttention-3's 192-row tile there): three consumer warpgroups of 160 registers
+  (P carried between key tiles in 16 bits, ``p16``), 192-row items ending at the last query row, so that
+  ``S_q`` need only be a multiple of 64; the top warpgroups of a ragged first item only release its buffers.
+  Built and compile-checked, not yet run on a GPU: no table config uses it (docs/performance.md).
 
 The epilogue normalises O (one reciprocal per row) and writes it through a shared-memory buffer per warpgroup by
 TMA stores left in flight (``o_tma``; at D = 256 the buffer holds half the columns, two stores), and the
 log-sum-exp from registers. Causal (``S_q <= S_k``, bottom-right aligned): an item walks the keys up to its last
 row's diagonal; the tiles past its first row's diagonal are masked. Dense batches of packed heads, D = Dv in
-{64, 128, 256}, fp16/bf16, ``S_q`` a multiple of 128, ``S_k`` of the key tile, no softcap, sink or window but the
-causal one (``gluon_fwd_eligible``); everything else runs ``fwd_hopper.py`` or the portable kernel. Gluon does not
-run under the interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``), the GPU tests run it.
+{64, 128, 256}, fp16/bf16, ``S_q`` a multiple of 128 (of 64 with three consumer warpgroups), ``S_k`` of the key
+tile, no softcap, sink or window but the causal one (``gluon_fwd_eligible``); everything else runs
+``fwd_hopper.py`` or the portable kernel. Gluon does not run under the interpreter: the CPU tests compile it for
+sm_90 (``tests/sm90_compile.py``), the GPU tests run it.
 """
 
 from dataclasses import dataclass
@@ -44,9 +49,11 @@ from .fwd import fwd_softmax_args
 from .fwd_hopper import _tma_ok
 from .launch import l2_section, launch_cached, zeroed_counter
 
-BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
+HALF_M = 64  # query rows per consumer warpgroup
+BLOCK_M = 128  # query rows per work item of two consumer warpgroups (GluonFwdConfig.block_m)
 LOADER_REGS = 24  # the TMA producer's register budget (setmaxnreg)
-CONSUMER_REGS = 240  # the second consumer warpgroup's (the first, the default partition, gets the rest)
+CONSUMER_REGS = 240  # a worker consumer warpgroup's (the first, the default partition, gets the rest)
+CONSUMER_REGS_3 = 160  # the same with three consumer warpgroups (16 warps: 3 x 160 + 24 <= 512 per thread slot)
 O_COLS = 128  # o_tma: the columns of O a warpgroup's buffer holds (D = 256: two stores of half the columns)
 
 
@@ -61,12 +68,21 @@ class GluonFwdConfig:
     overlap: bool = False  # the next item's first S GEMM with this item's last P V (needs two Q buffers)
     q_buffers: int = 1  # 2: the producer loads the next item's Q while this item runs
     o_tma: bool = True  # O goes out through shared memory by TMA (else from registers)
+    consumers: int = 2  # consumer warpgroups of 64 query rows: a work item is 64 * consumers rows
+    p16: bool = False  # P carried between key tiles in 16 bits, not fp32 (always with three consumer warpgroups)
 
     def __post_init__(self):
         if self.dynamic and not self.persistent:
             raise ValueError("GluonFwdConfig: the dynamic order is a persistent schedule's (persistent=True)")
         if self.q_buffers not in (1, 2) or (self.overlap and self.q_buffers != 2):
             raise ValueError("GluonFwdConfig: q_buffers is 1 or 2, and 2 with overlap")
+        if self.consumers not in (2, 3) or (self.consumers == 3 and (self.pingpong or self.q_buffers != 1)):
+            raise ValueError("GluonFwdConfig: consumers is 2 or 3, and 3 without ping-pong, with one Q buffer")
+
+    @property
+    def block_m(self):
+        """Query rows per work item."""
+        return HALF_M * self.consumers
 
 
 # (head dim, causal) -> tile config. Shared memory: Q 2 x 64 x D, K and V STAGES x BLOCK_N x D each (bf16).
@@ -121,6 +137,10 @@ class GluonFwdConfig:
 #   tile, so that its Q loads a whole item ahead): D=128 causal 439/559/591, D=64 causal 318/421/454, non-causal
 #   D=64 448/462/469: one buffer kept there (claiming at the first tile with the acq_rel counter had cost D=256
 #   causal 408/580/650 -> 387/550/589 in an earlier run).
+# Three consumer warpgroups (consumers=3; FlashAttention-3 takes 192-row tiles at D <= 64), 2026-12-07: the sm_90
+# builds at D = 64 spill nothing with P carried in 16 bits at 160 registers a warpgroup (with fp32 P, 736 bytes,
+# 188 spill instructions in the non-causal key-tile loops); not yet run or timed on a GPU (the device did not
+# start that session), so the table keeps two. scripts/gpu_run.sh's fwdvariants stage times it (gluon-w3).
 _CONFIGS = {
     (64, False): GluonFwdConfig(128, 3, persistent=True),
     (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
@@ -133,13 +153,15 @@ _CONFIGS = {
 
 @gluon.jit
 def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLOCK_M: gl.constexpr,
-          BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+          BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, RAGGED: gl.constexpr):
     """Work item ``t``: ``(m_start, b, h, hk, n_tiles, n_free)``, its first query row, batch, head, kv head, key
     tiles to walk and how many of them are mask-free. Non-causal: the query tiles of one head in a row (they
     share K and V in L2). Causal: longest first within sections of ``section`` heads (whose K and V fit in L2
     together): the last query tile of each head of the section, then the one before, and so on. Longest first
     over every head at once would stream each head's K and V from memory once per query tile when they all
-    exceed L2."""
+    exceed L2. ``RAGGED`` (three consumer warpgroups, ``S_q`` a multiple of 64): the tiles end at the last query
+    row, and where ``S_q`` is not a multiple of ``BLOCK_M`` the first one starts above row 0 (``m_start < 0``;
+    causal: the shortest item)."""
     if CAUSAL:
         i, bh = _sectioned(t, section, tiles_m, n_bh)
         pid_m = tiles_m - 1 - i
@@ -148,28 +170,36 @@ def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLO
         bh = t // tiles_m
     h = bh % nheads
     m_start = pid_m * BLOCK_M
+    if RAGGED:
+        m_start -= tiles_m * BLOCK_M - seqlen_q
     n_tiles = seqlen_k // BLOCK_N
     n_free = n_tiles
     if CAUSAL:  # keys up to the last row's diagonal; mask-free up to the first row's
         off = seqlen_k - seqlen_q
         n_tiles = gl.minimum((m_start + BLOCK_M + off + BLOCK_N - 1) // BLOCK_N, n_tiles)
-        n_free = gl.minimum((m_start + off + 1) // BLOCK_N, n_tiles)
+        if RAGGED:  # none in a ragged first tile, whose first row is above row 0
+            n_free = gl.minimum(gl.maximum(m_start + off + 1, 0) // BLOCK_N, n_tiles)
+        else:
+            n_free = gl.minimum((m_start + off + 1) // BLOCK_N, n_tiles)
     return m_start, bh // nheads, h, h // group_size, n_tiles, n_free
 
 
 @gluon.jit
 def _load_q(q_desc, q_smem, q_bar, q_empty, i, q_row, q_col):
-    """The producer: both 64-row halves of an item's Q (rows ``q_row``, columns ``q_col``), the program's
-    ``i``-th, into buffer ``i % QB`` (halves ``2 * buffer`` and ``2 * buffer + 1``), once the consumers' last S
-    GEMMs of the item before in that buffer have read it."""
+    """The producer: the 64-row pieces of an item's Q (rows ``q_row``, columns ``q_col``), one per consumer
+    warpgroup, the program's ``i``-th item, into buffer ``i % QB`` (pieces ``WGS * buffer + w``), once the
+    consumers' last S GEMMs of the item before in that buffer have read it. Rows above a batch's first (a
+    ragged first tile) load the batch before's or, out of bounds, zeros; no warpgroup reads them."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     QB: gl.constexpr = q_bar.shape[0]
+    WGS: gl.constexpr = q_smem.shape[0] // QB
     qb = i % QB
     # A fresh barrier counts its phase "before 0" as complete: the first pass does not wait.
     mbarrier.wait(q_empty.index(qb), ((i // QB) & 1) ^ 1)
-    mbarrier.expect(q_bar.index(qb), 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar.index(qb), q_smem.index(2 * qb))
-    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, q_col], q_bar.index(qb), q_smem.index(2 * qb + 1))
+    mbarrier.expect(q_bar.index(qb), WGS * q_desc.block_type.nbytes)
+    for w in gl.static_range(WGS):
+        tma.async_copy_global_to_shared(q_desc, [q_row + w * HALF, q_col], q_bar.index(qb),
+                                        q_smem.index(WGS * qb + w))
 
 
 @gluon.jit
@@ -182,18 +212,19 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
     the consumers' last S GEMMs of the previous item have read it, the next item taken after this one's loads.
     Two: the next item taken once this one's first K and V are on their way, and its Q loaded then, a whole item
     ahead (under the dynamic order that claims items earlier, which measured slower: one buffer there)."""
-    BLOCK_M: gl.constexpr = 2 * q_desc.block_type.shape[0]
     QB: gl.constexpr = q_bar.shape[0]
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_M: gl.constexpr = q_smem.shape[0] // QB * HALF
     it = 0
     i = 0
     t = gl.program_id(0)
     if QB == 2:
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, BLOCK_M, BLOCK_N, CAUSAL)
+                                                   section, BLOCK_M, BLOCK_N, CAUSAL, BLOCK_M != 2 * HALF)
         _load_q(q_desc, q_smem, q_bar, q_empty, 0, b * seqlen_q + m_start, h * HEAD_DIM)
     while t < total:
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, BLOCK_M, BLOCK_N, CAUSAL)
+                                                   section, BLOCK_M, BLOCK_N, CAUSAL, BLOCK_M != 2 * HALF)
         if QB == 1:
             _load_q(q_desc, q_smem, q_bar, q_empty, i, b * seqlen_q + m_start, h * HEAD_DIM)
         k_row0 = b * seqlen_k
@@ -216,7 +247,7 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
                     if t_next < total:
                         m_2, b_2, h_2, hk_2, n_tiles_2, n_free_2 = _tile(
                             t_next, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLOCK_M, BLOCK_N,
-                            CAUSAL)
+                            CAUSAL, False)
                         _load_q(q_desc, q_smem, q_bar, q_empty, i + 1, b_2 * seqlen_q + m_2, h_2 * HEAD_DIM)
         if QB == 1:  # as late as it can: the dynamic order's programs claim an item only when about to start it
             t_next = _take_item(t, i, counter, ids, id_ready, id_empty, DYNAMIC)
@@ -235,7 +266,7 @@ def _masked_scores(x, j, first_row, BLOCK_N: gl.constexpr):
 
 @gluon.jit
 def _first_tile(q_view, k_smem, k_ready, k_empty, q_free, it, n_tiles, n_free, first_row, zero_s, qk_scale,
-                STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+                STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, P16: gl.constexpr):
     """An item's first key tile (ring position ``it``), its GEMM alone: the scores' running max and sum and P.
     ``q_free``: Q's barrier, released here when this is the item's only tile."""
     s = it % STAGES
@@ -245,18 +276,23 @@ def _first_tile(q_view, k_smem, k_ready, k_empty, q_free, it, n_tiles, n_free, f
     mbarrier.arrive(k_empty.index(s))
     if n_tiles == 1:
         mbarrier.arrive(q_free)
-    return _first_softmax(x, n_free, first_row, qk_scale, BLOCK_N, CAUSAL)
+    return _first_softmax(x, n_free, first_row, qk_scale, q_view.dtype, BLOCK_N, CAUSAL, P16)
 
 
 @gluon.jit
-def _first_softmax(x, n_free, first_row, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """Running max, sum and P of an item's first key tile's scores ``x``."""
+def _first_softmax(x, n_free, first_row, qk_scale, dtype: gl.constexpr, BLOCK_N: gl.constexpr,
+                   CAUSAL: gl.constexpr, P16: gl.constexpr):
+    """Running max, sum and P of an item's first key tile's scores ``x``; ``P16``: P in ``dtype`` (the P V
+    GEMM's), which the key-tile loop then carries in 16 bits (``_key_tiles``)."""
     if CAUSAL:
         if n_free == 0:
             x = _masked_scores(x, 0, first_row, BLOCK_N)
     m_i = gl.max(x, 1) * qk_scale
     p = gl.exp2(x * qk_scale - m_i[:, None])
-    return m_i, gl.sum(p, 1), p
+    l_i = gl.sum(p, 1)
+    if P16:
+        p = p.to(dtype)
+    return m_i, l_i, p
 
 
 @gluon.jit
@@ -268,6 +304,7 @@ def _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_fre
     issue their GEMMs by turns. Returns the softmax state and O before the last tile's P V."""
     o_layout: gl.constexpr = acc.type.layout
     dtype: gl.constexpr = q_view.dtype
+    P16: gl.constexpr = p.dtype == dtype  # as _first_softmax made it
     for j in range(1, n_tiles):
         cur = it + j
         s = cur % STAGES
@@ -292,6 +329,8 @@ def _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_fre
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(x * qk_scale - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, 1)
+        if P16:  # carried to the next step in 16 bits: 32 registers a thread instead of 64
+            p = p.to(dtype)
         m_i = m_new
         acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
         mbarrier.arrive(v_empty.index(prev))
@@ -356,18 +395,67 @@ def _fwd_epilogue(acc, m_i, l_i, o_desc, o_smem, o_ptr, lse_ptr, b, h, row0, seq
 
 
 @gluon.jit
-def _fwd_consume(q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids,
-                 id_ready, id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh,
-                 nheads,
-                 group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr,
-                 PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, O_TMA: gl.constexpr):
-    """One consumer warpgroup (``WG`` 0 or 1): per work item, its 64 query rows (Q halves ``2 * buffer + WG``)
-    against every key tile, two GEMMs in flight per step (``_key_tiles``). ``PINGPONG``: the warpgroups issue
-    their GEMMs by turns (``turn``: warpgroup w waits on its barrier before issuing, then arrives on the
+def _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_free, k_ready, v_ready, k_empty, v_empty, turn, ids,
+                  id_ready, id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, t, i, it, n_tiles,
+                  n_free, b, h, row0, off, seqlen_q, zero_s, qk_scale, s_layout: gl.constexpr,
+                  o_layout: gl.constexpr, p_layout: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                  CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
+                  O_TMA: gl.constexpr, P16: gl.constexpr):
+    """A consumer warpgroup's rows (``row0`` on) of the program's ``i``-th work item ``t``, whose first key tile
+    is ring position ``it``: the first tile's GEMM alone, then two GEMMs in flight per step (``_key_tiles``),
+    the last P V alone, O and the LSE out. Returns the program's next item."""
+    QB: gl.constexpr = q_bar.shape[0]
+    HALF: gl.constexpr = q_view.shape[0]
+    HEAD_DIM_V: gl.constexpr = v_smem.shape[2]
+    mbarrier.wait(q_bar.index(i % QB), (i // QB) & 1)
+    m_i, l_i, p = _first_tile(q_view, k_smem, k_ready, k_empty, q_free, it, n_tiles, n_free, row0 + off, zero_s,
+                              qk_scale, STAGES, BLOCK_N, CAUSAL, P16)
+    acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
+    m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it,
+                                  n_tiles, n_free, row0 + off, m_i, l_i, p, acc, zero_s, qk_scale, p_layout, STAGES,
+                                  BLOCK_N, CAUSAL, WG, PINGPONG)
+    t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
+    acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, it + n_tiles - 1, p_layout, STAGES, WG, PINGPONG)
+    _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
+                  stride_lh, s_layout, q_view.dtype, O_TMA)
+    return t_next
+
+
+@gluon.jit
+def _idle_item(q_bar, q_free, k_ready, v_ready, k_empty, v_empty, ids, id_ready, id_empty, t, i, it, n_tiles,
+               STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
+    """A consumer warpgroup with no rows in the program's ``i``-th work item ``t`` (the top warpgroups of a
+    ragged first query tile, ``_tile``): its part of the item's hand-overs without the GEMMs, Q and every key
+    tile's K and V released as they arrive (each after its ready barrier, so that no release runs a phase
+    ahead). Returns the program's next item."""
+    QB: gl.constexpr = q_bar.shape[0]
+    mbarrier.wait(q_bar.index(i % QB), (i // QB) & 1)
+    mbarrier.arrive(q_free)
+    for j in range(n_tiles):
+        cur = it + j
+        s = cur % STAGES
+        mbarrier.wait(k_ready.index(s), (cur // STAGES) & 1)
+        mbarrier.arrive(k_empty.index(s))
+        mbarrier.wait(v_ready.index(s), (cur // STAGES) & 1)
+        mbarrier.arrive(v_empty.index(s))
+    return _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
+
+
+@gluon.jit
+def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
+                 OVERLAP: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr):
+    """One consumer warpgroup (``WG`` of ``WGS``): per work item, its 64 query rows (Q piece ``WGS * buffer +
+    WG``) against every key tile, two GEMMs in flight per step (``_consume_item``). ``PINGPONG``: the warpgroups
+    issue their GEMMs by turns (``turn``: warpgroup w waits on its barrier before issuing, then arrives on the
     other's; warpgroup 0 goes first), so that one's softmax runs while the other's GEMMs do. ``OVERLAP`` (two Q
     buffers): the next item's first S GEMM goes to the tensor cores with this item's last P V, and its softmax
-    runs while that P V does, instead of each running alone."""
+    runs while that P V does, instead of each running alone. Three warpgroups: a warpgroup whose rows of a ragged
+    first tile lie above row 0 sits the item out (``_idle_item``). ``shared``: the buffers, barriers, descriptors
+    and sizes every consumer warpgroup takes, packed once by the kernel."""
+    (q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids, id_ready, id_empty,
+     o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
+     seqlen_k, section, qk_scale) = shared
     HALF: gl.constexpr = q_smem.shape[1]
     QB: gl.constexpr = q_bar.shape[0]
     dtype: gl.constexpr = q_smem.dtype
@@ -384,32 +472,28 @@ def _fwd_consume(q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_read
     t = gl.program_id(0)
     if OVERLAP:  # the first item's first tile; the later items' come with the previous item's last P V
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, 2 * HALF, BLOCK_N, CAUSAL)
+                                                   section, 2 * HALF, BLOCK_N, CAUSAL, False)
         mbarrier.wait(q_bar.index(0), 0)
         m_i, l_i, p = _first_tile(q_smem.index(WG), k_smem, k_ready, k_empty, q_empty.index(0), 0, n_tiles,
-                                  n_free, m_start + WG * HALF + off, zero_s, qk_scale, STAGES, BLOCK_N, CAUSAL)
+                                  n_free, m_start + WG * HALF + off, zero_s, qk_scale, STAGES, BLOCK_N, CAUSAL, P16)
     while t < total:
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, 2 * HALF, BLOCK_N, CAUSAL)
+                                                   section, WGS * HALF, BLOCK_N, CAUSAL, WGS == 3)
         row0 = m_start + WG * HALF
         qb = i % QB
-        q_view = q_smem.index(2 * qb + WG)
-        if not OVERLAP:
-            mbarrier.wait(q_bar.index(qb), (i // QB) & 1)
-            m_i, l_i, p = _first_tile(q_view, k_smem, k_ready, k_empty, q_empty.index(qb), it, n_tiles, n_free,
-                                      row0 + off, zero_s, qk_scale, STAGES, BLOCK_N, CAUSAL)
-        acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
-        m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_empty.index(qb),
-                                      turn, it, n_tiles, n_free, row0 + off, m_i, l_i, p, acc, zero_s, qk_scale,
-                                      p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG)
-        last = it + n_tiles - 1
-        t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
+        q_view = q_smem.index(WGS * qb + WG)
         if OVERLAP:
+            acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
+            m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                          q_empty.index(qb), turn, it, n_tiles, n_free, row0 + off, m_i, l_i, p, acc,
+                                          zero_s, qk_scale, p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG)
+            last = it + n_tiles - 1
+            t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
             if t_next < total:
                 # The next item's first S GEMM with this item's last P V (one turn), its softmax while P V runs.
                 m_2, b_2, h_2, hk_2, n_tiles_2, n_free_2 = _tile(t_next, tiles_m, n_bh, nheads, group_size,
                                                                  seqlen_q, seqlen_k, section, 2 * HALF, BLOCK_N,
-                                                                 CAUSAL)
+                                                                 CAUSAL, False)
                 qn = (i + 1) % QB
                 nxt = last + 1
                 p16 = gl.convert_layout(p.to(dtype), p_layout)
@@ -427,7 +511,8 @@ def _fwd_consume(q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_read
                 mbarrier.arrive(k_empty.index(nxt % STAGES))
                 if n_tiles_2 == 1:
                     mbarrier.arrive(q_empty.index(qn))
-                m_n, l_n, p_n = _first_softmax(x, n_free_2, m_2 + WG * HALF + off, qk_scale, BLOCK_N, CAUSAL)
+                m_n, l_n, p_n = _first_softmax(x, n_free_2, m_2 + WG * HALF + off, qk_scale, dtype, BLOCK_N,
+                                               CAUSAL, P16)
                 acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
                 mbarrier.arrive(v_empty.index(last % STAGES))
             else:
@@ -436,10 +521,15 @@ def _fwd_consume(q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_read
             _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
                           stride_lh, s_layout, dtype, O_TMA)
             m_i, l_i, p = m_n, l_n, p_n
+        elif WGS == 3 and row0 < 0:  # WGS == 3 is static: the two-warpgroup builds have no such branch
+            t_next = _idle_item(q_bar, q_empty.index(qb), k_ready, v_ready, k_empty, v_empty, ids, id_ready,
+                                id_empty, t, i, it, n_tiles, STAGES, DYNAMIC)
         else:
-            acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout, STAGES, WG, PINGPONG)
-            _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
-                          stride_lh, s_layout, dtype, O_TMA)
+            t_next = _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_empty.index(qb), k_ready, v_ready,
+                                   k_empty, v_empty, turn, ids, id_ready, id_empty, o_desc, o_ptr, lse_ptr,
+                                   stride_os, stride_lb, stride_lh, t, i, it, n_tiles, n_free, b, h, row0, off,
+                                   seqlen_q, zero_s, qk_scale, s_layout, o_layout, p_layout, STAGES, BLOCK_N,
+                                   CAUSAL, DYNAMIC, WG, PINGPONG, O_TMA, P16)
         it += n_tiles
         t = t_next
         i += 1
@@ -453,21 +543,24 @@ def _attn_fwd_gluon_kernel(
     batch, nheads, seqlen_q, seqlen_k, group_size, section, qk_scale,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-    QB: gl.constexpr, O_TMA: gl.constexpr, ID_SLOTS: gl.constexpr, LOADER_REGS: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr,
+    QB: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr, ID_SLOTS: gl.constexpr,
+    LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
-    """O and LSE of 128 query rows of one head per work item (``_tile``); a program takes items
+    """O and LSE of ``WGS`` x 64 query rows of one head per work item (``_tile``); a program takes items
     ``program_id, program_id + num_programs, ...`` (one each when the grid covers them all; persistent when
     it has one program per SM)."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
-    tiles_m = seqlen_q // (2 * HALF)
+    if WGS == 3:  # the first tile may be ragged (_tile)
+        tiles_m = (seqlen_q + WGS * HALF - 1) // (WGS * HALF)
+    else:
+        tiles_m = seqlen_q // (WGS * HALF)
     n_bh = batch * nheads
     total = tiles_m * n_bh
 
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2 * QB, HALF, HEAD_DIM], q_desc.layout)  # QB buffers of two halves
+    q_smem = gl.allocate_shared_memory(dtype, [WGS * QB, HALF, HEAD_DIM], q_desc.layout)  # QB buffers of WGS pieces
     # O_TMA: a buffer of O per consumer warpgroup (else one unused row).
-    O_BUFS: gl.constexpr = 2 if O_TMA else 1
+    O_BUFS: gl.constexpr = WGS if O_TMA else 1
     O_ROWS: gl.constexpr = HALF if O_TMA else 1
     o_smem = gl.allocate_shared_memory(dtype, [O_BUFS, O_ROWS, o_desc.block_type.shape[1]], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -485,32 +578,44 @@ def _attn_fwd_gluon_kernel(
     id_empty = gl.allocate_shared_memory(gl.int64, [ID_SLOTS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(ID_SLOTS):
         mbarrier.init(id_ready.index(i), count=1)
-        mbarrier.init(id_empty.index(i), count=2)  # both consumer warpgroups read it
+        mbarrier.init(id_empty.index(i), count=WGS)  # every consumer warpgroup reads it
     for i in gl.static_range(QB):
         mbarrier.init(q_bar.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=2)  # both consumer warpgroups release Q
+        mbarrier.init(q_empty.index(i), count=WGS)  # every consumer warpgroup releases Q
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a stage
-        mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(k_empty.index(i), count=WGS)  # every consumer warpgroup releases a stage
+        mbarrier.init(v_empty.index(i), count=WGS)
 
-    # The default partition is the first consumer warpgroup; the workers the second one and the producer.
-    gl.warp_specialize([
-        (_fwd_consume, (q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                        ids, id_ready, id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total,
-                        tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N,
-                        STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA)),
-        (_fwd_consume, (q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                        ids, id_ready, id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total,
-                        tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, qk_scale, HEAD_DIM_V, BLOCK_N,
-                        STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA)),
-        (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
-                     v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
-                     seqlen_k, section, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC)),
-    ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    # The default partition is the first consumer warpgroup; the workers the other ones and the producer.
+    shared = (q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids, id_ready,
+              id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads,
+              group_size, seqlen_q, seqlen_k, section, qk_scale)
+    if WGS == 3:
+        gl.warp_specialize([
+            (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA, WGS,
+                            P16)),
+            (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA, WGS,
+                            P16)),
+            (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 2, PINGPONG, OVERLAP, O_TMA, WGS,
+                            P16)),
+            (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
+                         v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
+                         seqlen_k, section, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA, WGS,
+                            P16)),
+            (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA, WGS,
+                            P16)),
+            (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
+                         v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
+                         seqlen_k, section, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 def gluon_fwd_config(d, causal=False):
@@ -544,13 +649,15 @@ _DEFAULT_MIN_SK = {(64, False): 0, (64, True): 0, (128, False): 0, (128, True): 
 
 def gluon_fwd_shapes_ok(q, k, v, out, lse, *, causal) -> bool:
     """Dense batches of packed heads (q, k, v, out), D = Dv in {64, 128, 256}, fp16/bf16, ``S_q`` a multiple of
-    128 and ``S_k`` of the key tile, causal with ``S_q <= S_k``, LSE rows contiguous."""
+    128 (two consumer warpgroups; three: of 64) and ``S_k`` of the key tile, causal with ``S_q <= S_k``, LSE rows
+    contiguous."""
     d, dv = q.shape[-1], v.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or (d, causal) not in _CONFIGS or dv != d or q.dim() != 4:
         return False
     s_q, s_k = q.shape[1], k.shape[1]
     cfg = _CONFIGS[(d, causal)]
-    if s_q == 0 or s_k == 0 or s_q % BLOCK_M or s_k % cfg.block_n or (causal and s_q > s_k):
+    if s_q == 0 or s_k == 0 or s_q % (BLOCK_M if cfg.consumers == 2 else HALF_M) or s_k % cfg.block_n or (
+            causal and s_q > s_k):
         return False
     return lse.stride(-1) == 1 and all(_tma_ok(x) for x in (q, k, v, out))
 
@@ -562,7 +669,7 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k, dv = k.shape[1], k.shape[2], v.shape[-1]
     cfg = cfg or _CONFIGS[(d, causal)]
-    tiles = seqlen_q // BLOCK_M * batch * nheads
+    tiles = -(-seqlen_q // cfg.block_m) * batch * nheads
     grid = (min(tiles, sm_count(q.device)) if cfg.persistent else tiles,)
     group = nheads // nheads_k
     # Causal: query heads per longest-first section, their K and V (a kv head's shared by ``group`` of them) in
@@ -572,11 +679,11 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     counter = zeroed_counter(q.device) if cfg.dynamic else lse
     launch_cached(
         _attn_fwd_gluon_kernel, grid,
-        _desc(q, BLOCK_M // 2), _desc(k, cfg.block_n), _desc(v, cfg.block_n),
-        _desc(out, BLOCK_M // 2, min(dv, O_COLS)), out, lse, counter, out.stride(1), lse.stride(0), lse.stride(1),
+        _desc(q, HALF_M), _desc(k, cfg.block_n), _desc(v, cfg.block_n),
+        _desc(out, HALF_M, min(dv, O_COLS)), out, lse, counter, out.stride(1), lse.stride(0), lse.stride(1),
         batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n,
         STAGES=cfg.stages, CAUSAL=causal, DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong,
-        OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS,
-        num_warps=4,
+        OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma, WGS=cfg.consumers, P16=cfg.p16 or cfg.consumers == 3,
+        LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS if cfg.consumers == 2 else CONSUMER_REGS_3, num_warps=4,
     )
 
