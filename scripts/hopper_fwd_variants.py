@@ -78,8 +78,7 @@ def _gluon_cfg(name, d, causal):
         elif part in ("p16", "p32"):
             cfg = dataclasses.replace(cfg, p16=part == "p16")
         elif part in ("w2", "w3"):
-            three = dict(pingpong=False, overlap=False, q_buffers=1) if part == "w3" else {}
-            cfg = dataclasses.replace(cfg, consumers=int(part[1]), **three)
+            cfg = cfg.with_consumers(int(part[1]))
         elif part.startswith("n"):
             cfg = dataclasses.replace(cfg, block_n=int(part[1:]))
         elif part.startswith("l"):

@@ -7,7 +7,6 @@ the combine kernel, pack_gqa, and the KV-cache append with rotary. Each is check
 attention_ref.
 """
 
-import dataclasses
 import os
 
 import torch
@@ -96,8 +95,7 @@ def gluon_fwd_three_warpgroups_cases(dtype):
     os.environ["TRIFLASH_GLUON_FWD"] = "1"
     saved = dict(fwd_gluon._CONFIGS)
     for causal in (False, True):
-        fwd_gluon._CONFIGS[(64, causal)] = dataclasses.replace(saved[(64, causal)], consumers=3, pingpong=False,
-                                                               overlap=False, q_buffers=1)
+        fwd_gluon._CONFIGS[(64, causal)] = saved[(64, causal)].with_consumers(3)
     try:
         return [dense(dtype, 320, 320, 4, 2, 64, 64), dense(dtype, 448, 512, 2, 2, 64, 64, causal=True),
                 dense(dtype, 2112, 2112, 16, 4, 64, 64), dense(dtype, 2112, 2112, 16, 4, 64, 64, causal=True)]

@@ -174,12 +174,10 @@ def compile_fwd_gluon(head_dim, causal, cfg=None):
     """The Gluon forward as launched for bf16: host TMA descriptors over Q and O (64-row halves), K and V."""
     kernel = fwd_gluon._attn_fwd_gluon_kernel
     cfg = cfg or fwd_gluon.gluon_fwd_config(head_dim, causal)
-    consumer_regs = fwd_gluon.CONSUMER_REGS if cfg.consumers == 2 else fwd_gluon.CONSUMER_REGS_3
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
                   DYNAMIC=cfg.dynamic, PINGPONG=cfg.pingpong, OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma,
-                  WGS=cfg.consumers, P16=cfg.p16 or cfg.consumers == 3, ID_SLOTS=fwd_gluon.ID_SLOTS,
-                  LOADER_REGS=fwd_gluon.LOADER_REGS,
-                  CONSUMER_REGS=consumer_regs)
+                  WGS=cfg.consumers, P16=cfg.carries_p16, ID_SLOTS=fwd_gluon.ID_SLOTS,
+                  LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs)
     half = fwd_gluon.HALF_M
     sig = _signature(kernel, consts, counter="*i32", q_desc=_desc_type(half, head_dim),
                      o_desc=_desc_type(half, min(head_dim, fwd_gluon.O_COLS)), k_desc=_desc_type(cfg.block_n, head_dim),
@@ -198,11 +196,10 @@ def _desc_type(rows, cols, dtype=gl.bfloat16):
 if __name__ == "__main__":
     if sys.argv[1:] == ["fwd_gluon"]:
         # The six table configs, then D = 64 with the other number of consumer warpgroups (2 <-> 3).
-        other = [dataclasses.replace(fwd_gluon.gluon_fwd_config(64, causal), consumers=5 - cfg.consumers,
-                                     pingpong=False, overlap=False, q_buffers=1)
-                 for causal in (False, True) for cfg in [fwd_gluon.gluon_fwd_config(64, causal)]]
+        other = [(causal, fwd_gluon.gluon_fwd_config(64, causal)) for causal in (False, True)]
         json.dump([compile_fwd_gluon(d, causal) for d in (64, 128, 256) for causal in (False, True)]
-                  + [compile_fwd_gluon(64, causal, cfg) for causal, cfg in zip((False, True), other)], sys.stdout)
+                  + [compile_fwd_gluon(64, causal, cfg.with_consumers(5 - cfg.consumers)) for causal, cfg in other],
+                  sys.stdout)
     elif sys.argv[1:] == ["bwd_gluon"]:
         json.dump([compile_bwd_gluon(d, causal) for d in (64, 128, 256) for causal in (False, True)], sys.stdout)
     elif sys.argv[1:] == ["bwd_hopper"]:

@@ -82,8 +82,7 @@ def test_compile_sm90_gluon_fwd():
 
 def _three_warpgroups(d, causal, **change):
     """The table's config at head dim ``d`` with three consumer warpgroups (and ``change``)."""
-    return dataclasses.replace(fwd_gluon.gluon_fwd_config(d, causal), consumers=3, pingpong=False, overlap=False,
-                               q_buffers=1, **change)
+    return dataclasses.replace(fwd_gluon.gluon_fwd_config(d, causal).with_consumers(3), **change)
 
 
 def test_gluon_fwd_three_warpgroups_shapes(monkeypatch):

@@ -30,7 +30,7 @@ tile, no softcap, sink or window but the causal one (``gluon_fwd_eligible``); ev
 sm_90 (``tests/sm90_compile.py``), the GPU tests run it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from triton.experimental import gluon
@@ -53,7 +53,7 @@ HALF_M = 64  # query rows per consumer warpgroup
 BLOCK_M = 128  # query rows per work item of two consumer warpgroups (GluonFwdConfig.block_m)
 LOADER_REGS = 24  # the TMA producer's register budget (setmaxnreg)
 CONSUMER_REGS = 240  # a worker consumer warpgroup's (the first, the default partition, gets the rest)
-CONSUMER_REGS_3 = 160  # the same with three consumer warpgroups (16 warps: 3 x 160 + 24 <= 512 per thread slot)
+CONSUMER_REGS_3 = 160  # the same with three (16 warps: the default gets 512 - 2 x 160 - 24 = 168)
 O_COLS = 128  # o_tma: the columns of O a warpgroup's buffer holds (D = 256: two stores of half the columns)
 
 
@@ -83,6 +83,21 @@ class GluonFwdConfig:
     def block_m(self):
         """Query rows per work item."""
         return HALF_M * self.consumers
+
+    @property
+    def carries_p16(self):
+        """P between key tiles in 16 bits: as asked, and always with three consumer warpgroups (registers)."""
+        return self.p16 or self.consumers == 3
+
+    @property
+    def consumer_regs(self):
+        """A worker consumer warpgroup's register budget."""
+        return CONSUMER_REGS if self.consumers == 2 else CONSUMER_REGS_3
+
+    def with_consumers(self, consumers):
+        """This config with ``consumers`` warpgroups; three drop ping-pong, the overlap and the second Q buffer."""
+        three = dict(pingpong=False, overlap=False, q_buffers=1) if consumers == 3 else {}
+        return replace(self, consumers=consumers, **three)
 
 
 # (head dim, causal) -> tile config. Shared memory: Q 2 x 64 x D, K and V STAGES x BLOCK_N x D each (bf16).
@@ -213,18 +228,18 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
     Two: the next item taken once this one's first K and V are on their way, and its Q loaded then, a whole item
     ahead (under the dynamic order that claims items earlier, which measured slower: one buffer there)."""
     QB: gl.constexpr = q_bar.shape[0]
-    HALF: gl.constexpr = q_desc.block_type.shape[0]
-    BLOCK_M: gl.constexpr = q_smem.shape[0] // QB * HALF
+    WGS: gl.constexpr = q_smem.shape[0] // QB
+    BLOCK_M: gl.constexpr = WGS * q_desc.block_type.shape[0]
     it = 0
     i = 0
     t = gl.program_id(0)
     if QB == 2:
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, BLOCK_M, BLOCK_N, CAUSAL, BLOCK_M != 2 * HALF)
+                                                   section, BLOCK_M, BLOCK_N, CAUSAL, WGS == 3)
         _load_q(q_desc, q_smem, q_bar, q_empty, 0, b * seqlen_q + m_start, h * HEAD_DIM)
     while t < total:
         m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, BLOCK_M, BLOCK_N, CAUSAL, BLOCK_M != 2 * HALF)
+                                                   section, BLOCK_M, BLOCK_N, CAUSAL, WGS == 3)
         if QB == 1:
             _load_q(q_desc, q_smem, q_bar, q_empty, i, b * seqlen_q + m_start, h * HEAD_DIM)
         k_row0 = b * seqlen_k
@@ -590,7 +605,8 @@ def _attn_fwd_gluon_kernel(
         mbarrier.init(k_empty.index(i), count=WGS)  # every consumer warpgroup releases a stage
         mbarrier.init(v_empty.index(i), count=WGS)
 
-    # The default partition is the first consumer warpgroup; the workers the other ones and the producer.
+    # The default partition is the first consumer warpgroup; the workers the other ones and the producer. (The
+    # partition list must be a literal: a list or tuple holding a function cannot be built in a variable.)
     shared = (q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids, id_ready,
               id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads,
               group_size, seqlen_q, seqlen_k, section, qk_scale)
@@ -683,7 +699,7 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
         _desc(out, HALF_M, min(dv, O_COLS)), out, lse, counter, out.stride(1), lse.stride(0), lse.stride(1),
         batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n,
         STAGES=cfg.stages, CAUSAL=causal, DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong,
-        OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma, WGS=cfg.consumers, P16=cfg.p16 or cfg.consumers == 3,
-        LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS if cfg.consumers == 2 else CONSUMER_REGS_3, num_warps=4,
+        OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma, WGS=cfg.consumers, P16=cfg.carries_p16,
+        LOADER_REGS=LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs, num_warps=4,
     )
 
