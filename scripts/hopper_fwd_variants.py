@@ -54,14 +54,15 @@ def _hopper(q, k, v, out, lse, scale, causal, kw, cfg, diag=None):
         fwd_hopper.attn_fwd_hopper(q, k, v, out, lse, softmax_scale=scale, softcap=0.0, sink=None, causal=causal, **kw)
 
 
-def _gluon_cfg(name, d, causal):
-    """``gluon``, ``gluon-n64``, ``gluon-s3``, ``gluon-n64-s3-pp-ps``: the Gluon forward with its table config or
+def _gluon_cfg(name, d, causal, s):
+    """``gluon``, ``gluon-n64``, ``gluon-s3``, ``gluon-n64-s3-pp-ps``: the Gluon forward with the config its launcher
+    takes at ``s`` query rows (``fwd_gluon.gluon_fwd_config``) or
     the key tile (``n``), stages (``s``), causal L2 section in MB (``l``, 0: none), ping-pong
     on (``pp``) or off (``nopp``), persistent (``ps``) or not (``nops``), dynamic order (``dyn``/``nodyn``), the
     next item's first GEMM overlapped with the last (``ov``/``noov``), Q buffers (``q1``/``q2``), O by TMA or
     from registers (``otma``/``noot``), consumer warpgroups (``w2``/``w3``; three: without ping-pong, overlap or a
     second Q buffer), P carried in 16 bits or fp32 (``p16``/``p32``) given."""
-    cfg = fwd_gluon.gluon_fwd_config(d, causal)
+    cfg = fwd_gluon.gluon_fwd_config(d, causal, s)
     for part in name.split("-")[1:]:
         if part in ("pp", "nopp"):
             cfg = dataclasses.replace(cfg, pingpong=part == "pp")
@@ -93,7 +94,7 @@ def _cudnn(qt, kt, vt, causal):
         return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
 
 
-def run_cell(d, causal, s, variants, dev="cuda", portable=True):
+def run_cell(d, causal, s, variants, dev="cuda", portable=True, rounds=1):
     b, h = 16384 // s, 2048 // d
     gen = torch.Generator(device=dev).manual_seed(s + d)
     q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(3))
@@ -111,7 +112,7 @@ def run_cell(d, causal, s, variants, dev="cuda", portable=True):
         if name.startswith("gluon"):
             if "-w3" in name and d != 64:  # three consumer warpgroups have the registers for D = 64 only
                 continue
-            cfg = _gluon_cfg(name, d, causal)
+            cfg = _gluon_cfg(name, d, causal, s)
             provs[name] = functools.partial(fwd_gluon.attn_fwd_gluon, q, k, v, out, lse, softmax_scale=scale,
                                             causal=causal, cfg=cfg)
             continue
@@ -124,19 +125,33 @@ def run_cell(d, causal, s, variants, dev="cuda", portable=True):
         cfg = D256_CONFIGS.get(name) if d == 256 else None
         provs[name] = functools.partial(_hopper, q, k, v, out, lse, scale, causal, VARIANTS.get(name, {}), cfg)
     provs["cudnn"] = functools.partial(_cudnn, qt, kt, vt, causal)
-    rows = []
-    for name, fn in provs.items():
-        def check(row, name=name, fn=fn):
-            out.fill_(float("nan"))
-            res = fn()
-            torch.cuda.synchronize()
-            got = res.transpose(1, 2).float() if name == "cudnn" else out.float()
-            row["max_err"] = (got - ref).abs().max().item()
-            row["finite"] = bool(torch.isfinite(got).all())
-            return fn
+    timed = {name: [] for name in provs}
+    for _ in range(rounds):  # the providers in turn, ``rounds`` times: a drift of clocks spreads over all of them
+        for name, fn in provs.items():
+            def check(row, name=name, fn=fn):
+                out.fill_(float("nan"))
+                res = fn()
+                torch.cuda.synchronize()
+                got = res.transpose(1, 2).float() if name == "cudnn" else out.float()
+                row["max_err"] = (got - ref).abs().max().item()
+                row["finite"] = bool(torch.isfinite(got).all())
+                return fn
 
-        rows.append(timed_row(dict(d=d, causal=causal, s=s, b=b, h=h, provider=name), check, flops))
-    return rows
+            timed[name].append(timed_row(dict(d=d, causal=causal, s=s, b=b, h=h, provider=name), check, flops))
+    return [_median_row(rs) for rs in timed.values()]
+
+
+def _median_row(rows):
+    """Of one provider's rounds, the row with the median time (the worst error of all); ``rounds_ms`` keeps each."""
+    ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+    if not ok:
+        return rows[0]
+    row = dict(ok[(len(ok) - 1) // 2])
+    row["max_err"] = max(r["max_err"] for r in ok)
+    row["finite"] = all(r["finite"] for r in ok)
+    if len(rows) > 1:
+        row["rounds_ms"] = [r.get("ms") for r in rows]
+    return row
 
 
 def timed_row(row, check, flops, context=contextlib.nullcontext):
@@ -197,8 +212,10 @@ def main():
     ap = sweep_parser("hopper_fwd_variants.jsonl", "1024,2048,4096,8192,16384")
     ap.add_argument("--variants", default="ws,ws-nolpt,ws-inloop,ws-s1,ws-s2")
     ap.add_argument("--no-portable", action="store_true", help="leave the portable forward out")
+    ap.add_argument("--rounds", type=int, default=1, help="time the providers in turn this many times (median)")
     args = ap.parse_args()
-    sweep(args, lambda d, causal, s: run_cell(d, causal, s, args.variants.split(","), portable=not args.no_portable))
+    sweep(args, lambda d, causal, s: run_cell(d, causal, s, args.variants.split(","), portable=not args.no_portable,
+                                              rounds=args.rounds))
 
 
 if __name__ == "__main__":

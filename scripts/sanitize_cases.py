@@ -88,7 +88,8 @@ def gluon_fwd_cases(dtype):
 def gluon_fwd_three_warpgroups_cases(dtype):
     """The Gluon forward with three consumer warpgroups at D = 64 (192-row items ending at the last query row):
     ragged first tiles (one idle warpgroup at S_q = 320, two at 448 causal; their Q rows above row 0 loaded as
-    zeros by TMA), and persistent launches with more items (176) than SMs, non-causal and causal."""
+    zeros by TMA), persistent launches with more items (176) than SMs, non-causal and causal, and the table's own
+    three-warpgroup config from 4k query rows (``_LONG_CONFIGS``; one idle warpgroup at 4160)."""
     from triflash.kernels import fwd_gluon
 
     gluon_env = os.environ.get("TRIFLASH_GLUON_FWD")
@@ -96,9 +97,15 @@ def gluon_fwd_three_warpgroups_cases(dtype):
     saved = dict(fwd_gluon._CONFIGS)
     for causal in (False, True):
         fwd_gluon._CONFIGS[(64, causal)] = saved[(64, causal)].with_consumers(3)
+    cases = [(320, 384, 4, 2, False), (448, 512, 2, 2, True), (2112, 2176, 16, 4, False), (2112, 2176, 16, 4, True),
+             (4160, 4224, 2, 1, False)]
     try:
-        return [dense(dtype, 320, 320, 4, 2, 64, 64), dense(dtype, 448, 512, 2, 2, 64, 64, causal=True),
-                dense(dtype, 2112, 2112, 16, 4, 64, 64), dense(dtype, 2112, 2112, 16, 4, 64, 64, causal=True)]
+        for sq, sk, h, hk, causal in cases:  # each runs the Gluon forward with three warpgroups, not a fallback
+            q, k = (torch.empty(1, s, n, 64, device=DEV, dtype=dtype) for s, n in ((sq, h), (sk, hk)))
+            lse = torch.empty(1, h, sq, device=DEV)
+            assert DEV != "cuda" or fwd_gluon.gluon_fwd_eligible(
+                q, k, k, q, lse, varlen=False, causal=causal, window=False, softcap=0.0, sink=None), (sq, sk, causal)
+        return [dense(dtype, sq, sk, h, hk, 64, 64, causal=causal) for sq, sk, h, hk, causal in cases]
     finally:
         fwd_gluon._CONFIGS.update(saved)
         if gluon_env is None:

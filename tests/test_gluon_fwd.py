@@ -101,17 +101,47 @@ def test_gluon_fwd_three_warpgroups_shapes(monkeypatch):
     assert not _shapes_ok(*_inputs((1, 96, 128, 2, 2, 64), torch.bfloat16, "cpu"))
 
 
-# Three consumer warpgroups at D = 64, S_q a multiple of 64: (B, S_q, S_k, H, H_k) and flags. The 192-row tiles
-# end at the last query row; where S_q is not a multiple of 192 the first tile's top warpgroups have no rows
-# (one at S_q = 320, two at 448 and 64) and only release Q, K and V; batch 2 puts batch 0's tile above row 0
-# (zeros by TMA) and batch 1's over batch 0's last rows, which it must neither use nor overwrite.
+def test_gluon_fwd_long_config():
+    """From 4k query rows the launcher takes three consumer warpgroups at D = 64 non-causal (``_LONG_CONFIGS``),
+    so there S_q need only be a multiple of 64; everywhere else the table's two."""
+    pick = fwd_gluon.gluon_fwd_config
+    assert pick(64, False, 4096).consumers == 3 and pick(64, False, 16384).block_m == 192
+    assert pick(64, False, 4032) == pick(64, False) == fwd_gluon._CONFIGS[(64, False)]
+    assert pick(64, False).consumers == pick(64, True, 16384).consumers == pick(128, False, 16384).consumers == 2
+    assert _shapes_ok(*_inputs((1, 4160, 4224, 2, 1, 64), torch.bfloat16, "cpu"))
+    assert not _shapes_ok(*_inputs((1, 4160, 4224, 2, 1, 64), torch.bfloat16, "cpu"), causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_gluon_fwd_long_config_gpu(dtype, device, monkeypatch):
+    """The table's three-warpgroup config (S_q >= 4k, D = 64, non-causal) through the public API, batch 2, GQA,
+    S_q = 4160 (the first item's top warpgroup idle) against the reference, outputs poisoned."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward runs on sm_90")
+    monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
+    q, k, v = _inputs((2, 4160, 4224, 2, 1, 64), dtype, device)
+    assert fwd_gluon.gluon_fwd_config(64, False, q.shape[1]).consumers == 3
+
+    def fn(q, k, v):
+        return flash_attn_func(q, k, v, return_lse=True)
+
+    check_against_ref(fn, dict(q=q, k=k, v=v), {}, ref_fp64=False)
+
+
+# Three consumer warpgroups at D = 64, S_q a multiple of 64 (S_k of the 128-key tile): (B, S_q, S_k, H, H_k) and
+# flags. The 192-row tiles end at the last query row; where S_q is not a multiple of 192 the first tile's top
+# warpgroups have no rows (one at S_q = 320 and 512, two at 256 and 64) and only release Q, K and V; batch 2 puts
+# batch 0's tile above row 0 (zeros by TMA) and batch 1's over batch 0's last rows, which it must neither use nor
+# overwrite.
 CASES_3WG = {
-    "sq320-one-idle": dict(shape=(2, 320, 320, 2, 2)),
+    "sq320-one-idle": dict(shape=(2, 320, 384, 2, 2)),
     "sq384-whole-gqa-sq-lt-sk": dict(shape=(1, 384, 512, 4, 2)),
     "sq64-two-idle": dict(shape=(2, 64, 128, 2, 2)),
-    "causal-sq448-two-idle": dict(shape=(2, 448, 448, 3, 3), causal=True),
-    "causal-sq320-sq-lt-sk-gqa4": dict(shape=(1, 320, 576, 4, 1), causal=True),
-    "causal-sq64": dict(shape=(2, 64, 64, 2, 1), causal=True),
+    "causal-sq512-one-idle": dict(shape=(2, 512, 512, 3, 3), causal=True),
+    "causal-sq256-two-idle": dict(shape=(2, 256, 256, 2, 1), causal=True),
+    "causal-sq320-sq-lt-sk-gqa4": dict(shape=(1, 320, 640, 4, 1), causal=True),
+    "causal-sq64": dict(shape=(2, 64, 128, 2, 1), causal=True),
 }
 
 

@@ -154,8 +154,8 @@ class GluonFwdConfig:
 #   causal 408/580/650 -> 387/550/589 in an earlier run).
 # Three consumer warpgroups (consumers=3; FlashAttention-3 takes 192-row tiles at D <= 64), 2026-12-07: the sm_90
 # builds at D = 64 spill nothing with P carried in 16 bits at 160 registers a warpgroup (with fp32 P, 736 bytes,
-# 188 spill instructions in the non-causal key-tile loops); not yet run or timed on a GPU (the device did not
-# start that session), so the table keeps two. scripts/gpu_run.sh's fwdvariants stage times it (gluon-w3).
+# 188 spill instructions in the non-causal key-tile loops). Timed on H100 2026-12-07: faster from 4k query rows at
+# D = 64 non-causal only, where _LONG_CONFIGS takes it (its figures there); the table keeps two.
 _CONFIGS = {
     (64, False): GluonFwdConfig(128, 3, persistent=True),
     (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
@@ -634,8 +634,19 @@ def _attn_fwd_gluon_kernel(
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
-def gluon_fwd_config(d, causal=False):
-    """The tile config the launcher uses at head dim ``d``, causal or not."""
+# (head dim, causal) -> (shortest S_q, config): from that many query rows the launcher takes this config instead of
+# _CONFIGS's. Three consumer warpgroups at D = 64 non-causal, H100 2026-12-07 (scripts/hopper_fwd_variants.py, bf16,
+# 16k tokens, H = 32, same process; two -> three warpgroups, cuDNN): 1k 436 -> 416 (408), 4k 455 -> 472 (439),
+# 16k 452 -> 521 (463); causal 1k 333 -> 302 (330), 4k 431 -> 417 (403), 16k 465 -> 474 (429): two kept there. At
+# 1k a 192-row tiling of 1024 rows computes 1152 (the first item's top two warpgroups idle).
+_LONG_CONFIGS = {(64, False): (4096, _CONFIGS[(64, False)].with_consumers(3))}
+
+
+def gluon_fwd_config(d, causal=False, seqlen_q=0):
+    """The tile config the launcher uses at head dim ``d``, causal or not, for ``seqlen_q`` query rows."""
+    long = _LONG_CONFIGS.get((d, causal))
+    if long is not None and seqlen_q >= long[0]:
+        return long[1]
     return _CONFIGS[(d, causal)]
 
 
@@ -671,7 +682,7 @@ def gluon_fwd_shapes_ok(q, k, v, out, lse, *, causal) -> bool:
     if q.dtype not in (torch.float16, torch.bfloat16) or (d, causal) not in _CONFIGS or dv != d or q.dim() != 4:
         return False
     s_q, s_k = q.shape[1], k.shape[1]
-    cfg = _CONFIGS[(d, causal)]
+    cfg = gluon_fwd_config(d, causal, s_q)
     if s_q == 0 or s_k == 0 or s_q % (BLOCK_M if cfg.consumers == 2 else HALF_M) or s_k % cfg.block_n or (
             causal and s_q > s_k):
         return False
@@ -684,7 +695,7 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     q, qk_scale, _ = fwd_softmax_args(q, softmax_scale, 0.0)
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k, dv = k.shape[1], k.shape[2], v.shape[-1]
-    cfg = cfg or _CONFIGS[(d, causal)]
+    cfg = cfg or gluon_fwd_config(d, causal, seqlen_q)
     tiles = -(-seqlen_q // cfg.block_m) * batch * nheads
     grid = (min(tiles, sm_count(q.device)) if cfg.persistent else tiles,)
     group = nheads // nheads_k
