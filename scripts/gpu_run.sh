@@ -43,8 +43,10 @@ for stage in "${stages[@]}"; do
       timeout 290 python3 -m triflash.bench.cli tune --budget-s 250 > "$OUT/tune.log" 2>&1; rc=$? ;;
     bench-quick)
       timeout 300 python3 -m triflash.bench.cli run --quick --out "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1; rc=$? ;;
-    bench)
-      timeout 420 python3 -m triflash.bench.cli run --out "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1; rc=$? ;;
+    bench)  # BENCH_ARGS: more triflash-bench run options (e.g. --mode fwd --headdim 64)
+      # shellcheck disable=SC2086
+      timeout "${BENCH_TIME_S:-420}" python3 -m triflash.bench.cli run --out "$OUT/bench.jsonl" ${BENCH_ARGS:-} \
+        > "$OUT/bench.log" 2>&1; rc=$? ;;
     bench-portable)  # the forward with the Hopper path off, to measure what it gains
       TRIFLASH_HOPPER=0 timeout 200 python3 -m triflash.bench.cli run --mode fwd --providers triflash \
         --out "$OUT/bench_portable.jsonl" > "$OUT/bench_portable.log" 2>&1; rc=$? ;;

@@ -177,8 +177,8 @@ def test_gluon_fwd_three_warpgroups_gpu(case, dtype, schedule, device, monkeypat
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("schedule", ["table", "persistent", "persistent-order-flipped", "persistent-overlap",
-                                      "persistent-q2"])
+@pytest.mark.parametrize("schedule", ["table", "table-p16", "persistent", "persistent-order-flipped",
+                                      "persistent-overlap", "persistent-q2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
@@ -192,7 +192,7 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
     issued with the previous item's last (D = 256 has no room for the second Q buffer: table config);
     ``persistent-q2``: three programs, two Q buffers without the overlap (each next item's Q loaded while the
     item before runs) and O written from registers (D = 256, which has no room for two Q buffers: the table's
-    schedule, O from registers)."""
+    schedule, O from registers); ``table-p16``: the table's configs with P carried between key tiles in 16 bits."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
@@ -204,6 +204,8 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
         flipped = {key: dataclasses.replace(cfg, o_tma=False) if key[0] == 256 else
                    dataclasses.replace(cfg, persistent=True, overlap=False, q_buffers=2, o_tma=False)
                    for key, cfg in fwd_gluon._CONFIGS.items()}
+    elif schedule == "table-p16":
+        flipped = {key: dataclasses.replace(cfg, p16=True) for key, cfg in fwd_gluon._CONFIGS.items()}
     elif schedule != "table":
         flip_order = schedule == "persistent-order-flipped"  # else flip ping-pong
         flipped = {key: dataclasses.replace(cfg, persistent=True, dynamic=cfg.dynamic != flip_order,
@@ -211,6 +213,7 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
                    for key, cfg in fwd_gluon._CONFIGS.items()}
     if schedule != "table":
         monkeypatch.setattr(fwd_gluon, "_CONFIGS", flipped)
+    if schedule.startswith("persistent"):
         monkeypatch.setattr(fwd_gluon, "sm_count", lambda device: 3)
         monkeypatch.setattr(fwd_gluon, "l2_section", lambda head_bytes, n_heads, l2_mb: min(2, n_heads))
     spec = dict(CASES[case])
