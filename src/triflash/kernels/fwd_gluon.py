@@ -156,11 +156,17 @@ class GluonFwdConfig:
 # builds at D = 64 spill nothing with P carried in 16 bits at 160 registers a warpgroup (with fp32 P, 736 bytes,
 # 188 spill instructions in the non-causal key-tile loops). Timed on H100 2026-12-07: faster from 4k query rows at
 # D = 64 non-causal only, where _LONG_CONFIGS takes it (its figures there); the table keeps two.
+# P in 16 bits with two warpgroups (p16), H100 2026-12-07, gluon -> gluon-p16 at 1k / 4k / 16k, two runs (the
+# second: the providers timed in turn three times, median), docs/results/fwd-variants-h100-2026-12-07-*.jsonl:
+#   D=128 non-causal 592/615/631 -> 604/617/633, 586/617/626 -> 599/629/645; causal 452/572/640 -> 449/610/660,
+#         453/580/613 -> 456/579/640: taken at D = 128.
+#   D=256 non-causal 609/678/670 -> 619/651/656, 615/676/670 -> 613/649/669 (4k slower twice); causal
+#         480/632/654 -> 476/615/682, 479/616/648 -> 478/616/662: not taken.
 _CONFIGS = {
     (64, False): GluonFwdConfig(128, 3, persistent=True),
     (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
-    (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True, q_buffers=2),
-    (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True),
+    (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True, q_buffers=2, p16=True),
+    (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True, p16=True),
     (256, False): GluonFwdConfig(64, 2, persistent=True),
     (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True),
 }
