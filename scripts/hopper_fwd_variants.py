@@ -56,8 +56,8 @@ def _hopper(q, k, v, out, lse, scale, causal, kw, cfg, diag=None):
 
 def _gluon_cfg(name, d, causal, s):
     """``gluon``, ``gluon-n64``, ``gluon-s3``, ``gluon-n64-s3-pp-ps``: the Gluon forward with the config its launcher
-    takes at ``s`` query rows (``fwd_gluon.gluon_fwd_config``) or
-    the key tile (``n``), stages (``s``), causal L2 section in MB (``l``, 0: none), ping-pong
+    takes at ``s`` query rows (``fwd_gluon.gluon_fwd_config``), or that config with the key tile (``n``), stages
+    (``s``), causal L2 section in MB (``l``, 0: none), ping-pong
     on (``pp``) or off (``nopp``), persistent (``ps``) or not (``nops``), dynamic order (``dyn``/``nodyn``), the
     next item's first GEMM overlapped with the last (``ov``/``noov``), Q buffers (``q1``/``q2``), O by TMA or
     from registers (``otma``/``noot``), consumer warpgroups (``w2``/``w3``; three: without ping-pong, overlap or a

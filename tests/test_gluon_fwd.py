@@ -121,7 +121,10 @@ def test_gluon_fwd_long_config_gpu(dtype, device, monkeypatch):
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
     q, k, v = _inputs((2, 4160, 4224, 2, 1, 64), dtype, device)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=device)
     assert fwd_gluon.gluon_fwd_config(64, False, q.shape[1]).consumers == 3
+    assert fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, varlen=False, causal=False, window=False, softcap=0.0,
+                                        sink=None)  # the Gluon kernel takes it, not a fallback
 
     def fn(q, k, v):
         return flash_attn_func(q, k, v, return_lse=True)

@@ -18,7 +18,7 @@ consumers through shared memory. Three partitions:
   ``consumers=3`` (D = 64; FlashAttention-3's 192-row tile there): three consumer warpgroups of 160 registers
   (P carried between key tiles in 16 bits, ``p16``), 192-row items ending at the last query row, so that
   ``S_q`` need only be a multiple of 64; the top warpgroups of a ragged first item only release its buffers.
-  Built and compile-checked, not yet run on a GPU: no table config uses it (docs/performance.md).
+  The launcher's config at D = 64 non-causal from 4k query rows (``_LONG_CONFIGS``; docs/performance.md).
 
 The epilogue normalises O (one reciprocal per row) and writes it through a shared-memory buffer per warpgroup by
 TMA stores left in flight (``o_tma``; at D = 256 the buffer holds half the columns, two stores), and the
