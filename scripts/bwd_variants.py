@@ -70,7 +70,8 @@ def _knobs(name):
     """A provider with module knobs set as ``name`` says. ``gluon-...``: the Gluon backward forced on at every
     length, ``-early0`` / ``-early1`` (the tile's dQ GEMM after / before dK), ``-lN`` (L2 sections of N MiB,
     0: none), ``-p0`` / ``-p1`` (one program per work item / persistent where it applies), ``-dyn0`` / ``-dyn1`` (the
-    same for causal calls, persistent in a dynamic order; ``-dmaxN``: up to head dim N), ``-sN`` (Q/dO ring
+    same for causal calls, persistent in a dynamic order; ``-dmaxN``: up to head dim N), ``-tail0`` / ``-tail1``
+    (the persistent schedule's last wave whole / split over every program), ``-sN`` (Q/dO ring
     stages at D = 64), ``-mN`` (query rows a tile at D = 64);
     ``hopper-lN``: the deterministic Hopper dK/dV kernel's L2 sections."""
     module = bwd_gluon if name.startswith("gluon") else bwd_hopper
@@ -80,6 +81,8 @@ def _knobs(name):
             knobs["DQ_EARLY"] = part == "early1"
         elif part.startswith("l"):
             knobs["L2_MB"] = int(part[1:])
+        elif part in ("tail0", "tail1"):  # the persistent schedule's last wave whole / split (SPLIT_TAIL)
+            knobs["SPLIT_TAIL"] = part == "tail1"
         elif part in ("p0", "p1"):  # one program per work item / persistent (non-causal, D <= 128)
             knobs["PERSISTENT"] = part == "p1"
         elif part in ("dyn0", "dyn1"):  # one program per work item / persistent, dynamic order (causal, D = 64)

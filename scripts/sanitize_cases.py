@@ -81,8 +81,45 @@ def gluon_fwd_cases(dtype):
             dense(dtype, 2048, 2048, 16, 4, 64, 64), dense(dtype, 2048, 2048, 16, 4, 128, 128),
             dense(dtype, 2048, 2048, 16, 4, 128, 128, causal=True)]
     errs += gluon_fwd_three_warpgroups_cases(dtype)
+    errs += gluon_tail_cases(dtype)
     del os.environ["TRIFLASH_GLUON_FWD"]
     return errs
+
+
+def gluon_tail_cases(dtype):
+    """The split tails (one program per SM, the launcher's thresholds lowered to one tile): the Gluon forward's at
+    D = 128 and D = 256 (144 items, the last wave's 12 cut by keys into runs of one or two key tiles over every
+    program, the pieces written to the workspace and merged after the kernel), then the Gluon backward's at D = 128
+    (144 key blocks, the last 12 cut into runs of two or three (query head, tile) pairs, the pieces' dK and dV
+    summed after the kernel)."""
+    from triflash.kernels import bwd_gluon, fwd_gluon
+
+    env = {name: os.environ.get(name) for name in ("TRIFLASH_GLUON_FWD", "TRIFLASH_GLUON_BWD")}
+    os.environ.update(TRIFLASH_GLUON_FWD="1", TRIFLASH_GLUON_BWD="1")
+    saved = bwd_gluon.TAIL_MIN_TILES, bwd_gluon.TAIL_MIN_SAVED
+    bwd_gluon.TAIL_MIN_TILES = bwd_gluon.TAIL_MIN_SAVED = 1
+    fwd_cases = [(2048, 2048, 9, 3, 128), (2048, 1024, 9, 3, 256)]
+    try:
+        for sq, sk, h, hk, d in fwd_cases:  # each splits its tail on the device (its SMs), not a fallback
+            q, k = (torch.empty(1, s, n, d, device=DEV, dtype=dtype) for s, n in ((sq, h), (sk, hk)))
+            cfg = fwd_gluon.gluon_fwd_config(d, False, sq)
+            items = sq // cfg.block_m * h
+            assert DEV != "cuda" or (fwd_gluon.gluon_fwd_eligible(
+                q, k, k, q, torch.empty(1, h, sq, device=DEV), varlen=False, causal=False, window=False,
+                softcap=0.0, sink=None) and fwd_gluon.split_tail_start(
+                    cfg, False, items, fwd_gluon.sm_count(q.device), sk // cfg.block_n) < items), (sk, d)
+        errs = [dense(dtype, sq, sk, h, hk, d, d) for sq, sk, h, hk, d in fwd_cases]
+        if DEV == "cuda":  # 144 key blocks of 128 keys, 2 query heads a kv head, 16 tiles of 64 rows each
+            assert bwd_gluon.split_tail_start(True, 144, bwd_gluon.sm_count(torch.device(DEV)), 32) < 144
+        errs.append(dense(dtype, 1024, 2048, 18, 9, 128, 128))
+        return errs
+    finally:
+        bwd_gluon.TAIL_MIN_TILES, bwd_gluon.TAIL_MIN_SAVED = saved
+        for name, value in env.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def gluon_fwd_three_warpgroups_cases(dtype):
@@ -168,9 +205,10 @@ def all_cases(dtype):
 
 def main():
     """Every case per dtype, then the Gluon cases again (cached launches); ``SANITIZE_ONLY=gluon_fwd`` /
-    ``gluon_fwd3`` / ``gluon``: the Gluon forward's cases alone / those with three consumer warpgroups / both Gluon
-    kernels' (shorter runs)."""
-    subsets = {"gluon_fwd": gluon_fwd_cases, "gluon_fwd3": gluon_fwd_three_warpgroups_cases, "gluon": gluon_cases}
+    ``gluon_fwd3`` / ``gluon_tail`` / ``gluon``: the Gluon forward's cases alone / those with three consumer
+    warpgroups / the split tails (forward and backward) / both Gluon kernels' (shorter runs)."""
+    subsets = {"gluon_fwd": gluon_fwd_cases, "gluon_fwd3": gluon_fwd_three_warpgroups_cases,
+               "gluon_tail": gluon_tail_cases, "gluon": gluon_cases}
     cases = subsets.get(os.environ.get("SANITIZE_ONLY", ""), all_cases)
     dtypes = (torch.float16, torch.bfloat16) if DEV == "cuda" else (torch.float16,)
     errs = [e for dtype in dtypes for e in cases(dtype)]

@@ -153,16 +153,19 @@ def _signature(kernel, consts, **given):
     return sig
 
 
-def compile_bwd_gluon(head_dim, causal):
+def compile_bwd_gluon(head_dim, causal, tail=None):
     """The Gluon backward as launched for bf16: host TMA descriptors over Q, dO, the fp32 dQ accumulator (64-row
-    blocks; 128 at D=64), K, V, dK, dV (128 rows; 64 at D=256)."""
+    blocks; 128 at D=64), K, V, dK, dV (128 rows; 64 at D=256); ``tail``: with the split tail's code or without
+    (default: where the launcher may split, the persistent non-causal schedule)."""
     kernel = bwd_gluon._attn_bwd_gluon_kernel
     m, n, stages = bwd_gluon.gluon_bwd_tiles(head_dim)
+    schedule = bwd_gluon.gluon_bwd_schedule(head_dim, causal)
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=m, BLOCK_N=n,
                   STAGES=stages, CAUSAL=causal, DQ_EARLY=bwd_gluon.DQ_EARLY, NUM_WARPS=bwd_gluon.NUM_WARPS,
-                  SCHEDULE=bwd_gluon.gluon_bwd_schedule(head_dim, causal),
-                  ID_SLOTS=bwd_gluon.ID_SLOTS, WORKER_REGS=bwd_gluon.WORKER_REGS)
-    sig = _signature(kernel, consts, counter="*i32", q_desc=_desc_type(m, head_dim), do_desc=_desc_type(m, head_dim),
+                  SCHEDULE=schedule, ID_SLOTS=bwd_gluon.ID_SLOTS, WORKER_REGS=bwd_gluon.WORKER_REGS,
+                  TAIL=bwd_gluon.SPLIT_TAIL and schedule == 1 if tail is None else tail)
+    sig = _signature(kernel, consts, counter="*i32", ws_dk="*fp32", ws_dv="*fp32", q_desc=_desc_type(m, head_dim),
+                     do_desc=_desc_type(m, head_dim),
                      k_desc=_desc_type(n, head_dim), v_desc=_desc_type(n, head_dim),
                      dk_desc=_desc_type(n, head_dim), dv_desc=_desc_type(n, head_dim),
                      dq_desc=_desc_type(m, head_dim, gl.float32))  # dQ: the fp32 accumulator
@@ -177,9 +180,10 @@ def compile_fwd_gluon(head_dim, causal, cfg=None):
     consts = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
                   DYNAMIC=cfg.dynamic, PINGPONG=cfg.pingpong, OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma,
                   WGS=cfg.consumers, P16=cfg.carries_p16, ID_SLOTS=fwd_gluon.ID_SLOTS,
-                  LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs)
+                  LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs,
+                  TAIL=cfg.split_tail and not causal)
     half = fwd_gluon.HALF_M
-    sig = _signature(kernel, consts, counter="*i32", q_desc=_desc_type(half, head_dim),
+    sig = _signature(kernel, consts, counter="*i32", ws_o="*fp32", ws_lse="*fp32", q_desc=_desc_type(half, head_dim),
                      o_desc=_desc_type(half, min(head_dim, fwd_gluon.O_COLS)), k_desc=_desc_type(cfg.block_n, head_dim),
                      v_desc=_desc_type(cfg.block_n, head_dim))
     launch = AttnBwdConfig(cfg.block_m, cfg.block_n, 4, cfg.stages)

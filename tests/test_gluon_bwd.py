@@ -119,3 +119,49 @@ def test_gluon_bwd_gpu(case, dtype, device, monkeypatch):
     mine = torch.autograd.grad(flash_attn_func(*leaves, deterministic=False, **spec), leaves, do)
     for name, a, b in zip(("dq", "dk", "dv"), mine, det):
         assert (a.float() - b.float()).abs().max() < 3e-2 * max(1.0, b.float().abs().max().item()), name
+
+
+# The split tail (SPLIT_TAIL: persistent non-causal calls, D <= 128): (B, S_q, S_k, H, H_k, D) and the programs
+# (None: one per SM with the launcher's thresholds; else the thresholds at one tile). An item is a key block of a kv
+# head (128 keys), its tiles the (query head, 64-row tile) pairs (128 rows at D = 64).
+CASES_TAIL = {
+    # 36 items: 35 whole, the last one's 8 (head, tile) pairs over 5 programs (runs of 1-2).
+    "d128-gqa-one-item-over-5": ((2, 256, 1152, 4, 2, 128), 5),
+    # 30 whole, six items' 48 pairs over 10 programs (runs of 4-5, crossing from one item into the next).
+    "d128-gqa-six-items-over-10": ((2, 256, 1152, 4, 2, 128), 10),
+    # 16 items: 12 whole, four items' 32 pairs over 6 (runs of 5-6, crossing).
+    "d64-gqa-four-items-over-6": ((2, 512, 1024, 2, 1, 64), 6),
+    # 144 items, 12 left for the last wave on 132 SMs (runs of 8 pairs there).
+    "d128-gqa-sm-count": ((1, 2816, 2048, 18, 9, 128), None),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", list(CASES_TAIL))
+def test_gluon_bwd_split_tail_gpu(case, dtype, device, monkeypatch):
+    """The backward's split tail through the public API: gradients (with an LSE gradient) against the reference,
+    outputs poisoned, every key block compared (the whole items, the summed pieces, dQ from both)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon backward runs on sm_90")
+    monkeypatch.setenv("TRIFLASH_GLUON_BWD", "1")
+    shape, programs = CASES_TAIL[case]
+    if programs is not None:
+        monkeypatch.setattr(bwd_gluon, "sm_count", lambda device: programs)
+        monkeypatch.setattr(bwd_gluon, "TAIL_MIN_TILES", 1)
+        monkeypatch.setattr(bwd_gluon, "TAIL_MIN_SAVED", 1)
+    q, k, v = _inputs(shape, dtype, device)
+    b, s_q, s_k, h, h_k, d = shape
+    block_m, block_n, _ = bwd_gluon.gluon_bwd_tiles(d)
+    items = b * h_k * (s_k // block_n)
+    tail0 = bwd_gluon.split_tail_start(bwd_gluon.SPLIT_TAIL and bwd_gluon.gluon_bwd_schedule(d, False) == 1, items,
+                                       bwd_gluon.sm_count(q.device), h // h_k * (s_q // block_m))
+    assert 0 < tail0 < items
+    lse = torch.empty(b, h, s_q, device=device)
+    assert bwd_gluon.gluon_bwd_eligible(q, k, v, k, v, q, lse, varlen=False, causal=False, window=False, softcap=0.0,
+                                        sink=None, deterministic=False)
+
+    def fn(q, k, v):
+        return flash_attn_func(q, k, v, return_lse=True, deterministic=False)
+
+    check_against_ref(fn, dict(q=q, k=k, v=v), {}, ref_fp64=False)

@@ -10,7 +10,7 @@ from sm90_compile import reports as sm90_reports
 from test_hopper import _inputs
 
 from triflash import flash_attn_func
-from triflash.kernels import fwd_gluon
+from triflash.kernels import bwd_gluon, fwd_gluon
 
 # (B, S_q, S_k, H, H_k, D) and flags: whole 128-row query tiles and key tiles.
 CASES = {
@@ -125,6 +125,56 @@ def test_gluon_fwd_long_config_gpu(dtype, device, monkeypatch):
     assert fwd_gluon.gluon_fwd_config(64, False, q.shape[1]).consumers == 3
     assert fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, varlen=False, causal=False, window=False, softcap=0.0,
                                         sink=None)  # the Gluon kernel takes it, not a fallback
+
+    def fn(q, k, v):
+        return flash_attn_func(q, k, v, return_lse=True)
+
+    check_against_ref(fn, dict(q=q, k=k, v=v), {}, ref_fp64=False)
+
+
+# The split tail (split_tail: the D = 128 and D = 256 non-causal configs): (B, S_q, S_k, H, H_k, D) and the programs
+# (None: one per SM, the launcher's thresholds; else the thresholds at one key tile). 128-row items of 128 keys (64
+# at D = 256).
+CASES_TAIL = {
+    # 16 items: 15 whole, the last one's 9 key tiles over 5 programs (runs of 1-2).
+    "d128-gqa-one-item-over-5": ((2, 256, 1152, 4, 2, 128), 5),
+    # 14 whole, two items' 18 key tiles over 7 programs (runs of 2-3, one crossing from the first into the second).
+    "d128-gqa-two-items-over-7": ((2, 256, 1152, 4, 2, 128), 7),
+    # 12 items: 10 whole, two items' 20 key tiles over 5 (runs of 4, one crossing).
+    "d256-two-items-over-5": ((2, 384, 640, 2, 1, 256), 5),
+    # 144 items, 12 left for the last wave on 132 SMs (a split of runs of 8 key tiles there).
+    "d128-gqa3-sm-count": ((1, 2048, 11264, 9, 3, 128), None),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [True, False], ids=["table", "no-overlap"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", list(CASES_TAIL))
+def test_gluon_fwd_split_tail_gpu(case, dtype, overlap, device, monkeypatch):
+    """The split tail through the public API against the reference, outputs poisoned, every row compared (the whole
+    items, the merged ones and the backward from the merged LSE): the table's configs (D = 128: the next item's
+    first GEMM with the last one's P V) and, ``no-overlap``, one Q buffer at D = 128."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward runs on sm_90")
+    monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
+    shape, programs = CASES_TAIL[case]
+    d = shape[-1]
+    if not overlap:
+        monkeypatch.setitem(fwd_gluon._CONFIGS, (d, False), dataclasses.replace(
+            fwd_gluon._CONFIGS[(d, False)], overlap=False, q_buffers=1))
+    if programs is not None:
+        monkeypatch.setattr(fwd_gluon, "sm_count", lambda device: programs)
+        monkeypatch.setattr(bwd_gluon, "TAIL_MIN_TILES", 1)
+        monkeypatch.setattr(bwd_gluon, "TAIL_MIN_SAVED", 1)
+    q, k, v = _inputs(shape, dtype, device)
+    cfg = fwd_gluon.gluon_fwd_config(d, False, shape[1])
+    items = shape[0] * shape[3] * shape[1] // cfg.block_m
+    tail0 = fwd_gluon.split_tail_start(cfg, False, items, fwd_gluon.sm_count(q.device), shape[2] // cfg.block_n)
+    assert cfg.split_tail and 0 < tail0 < items and cfg.overlap == (overlap and d == 128)
+    lse = torch.empty(shape[0], shape[3], shape[1], device=device)
+    assert fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, varlen=False, causal=False, window=False, softcap=0.0,
+                                        sink=None)
 
     def fn(q, k, v):
         return flash_attn_func(q, k, v, return_lse=True)

@@ -52,6 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ..configs import device_arch, sm_count
+from .combine import attn_tail_sum
 from .fwd_hopper import _tma_ok
 from .launch import TmaDesc, l2_section, launch_cached, zeroed_counter
 
@@ -88,6 +89,9 @@ DQ_EARLY = True
 # leave the L2 sections); in the dynamic order, two runs of 1k / 2k / 4k: D=64 0.98 / 0.97 / 0.98 -> 1.03 / 1.00 /
 # 0.99 and 0.85 / 0.96 / 0.99 -> 0.83 / 1.00 / 1.04; D=128 0.94 / 0.97 / 1.01 -> 0.95 / 0.95 / 1.00 (not taken).
 PERSISTENT = True
+# Persistent non-causal calls (SCHEDULE 1): the last wave's items, fewer than the programs, split by (query head,
+# tile) runs over every program, the pieces' dK and dV summed after the kernel (split_tail_start, _tail_piece).
+SPLIT_TAIL = True
 DYNAMIC = True
 DYNAMIC_MAX_D = 64
 ID_SLOTS = 4  # dynamic scheduling: work items the producer may take ahead of the other partitions
@@ -148,14 +152,22 @@ def _bwd_write_tile(it, dq_desc, dq_smem, dq_full, dq_empty, row, h, HEAD_DIM: g
 
 
 @gluon.jit
-def _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              CAUSAL: gl.constexpr):
-    """Work item ``t``, one (kv head, key block): ``(b, hk, n_start, lo, tiles, n_masked)``, its batch, kv head,
-    first key, first query row it sees, query tiles from there and how many of them straddle the causal diagonal.
-    Items go in sections of ``section`` kv heads (``_sectioned``) whose Q, dO and dQ fit in L2 together: within
-    a section every head's first key block (under causal the one that sees the most rows) before any head's
-    second, so that the section's programs read the same Q and dO tiles and add into the same dQ rows at about
-    the same time."""
+def _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, group_size, tail, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, TAIL: gl.constexpr):
+    """Work item ``t``, one (kv head, key block): ``(b, hk, n_start, lo, tiles, n_masked, first, count, part)``,
+    its batch, kv head, first key, first query row it sees, query tiles from there, how many of them straddle the
+    causal diagonal, and of the ``group_size * tiles`` (query head, tile) pairs the first to walk, how many and
+    the workspace slot (-1: the whole item, dK and dV written out). Items go in sections of ``section`` kv heads
+    (``_sectioned``) whose Q, dO and dQ fit in L2 together: within a section every head's first key block (under
+    causal the one that sees the most rows) before any head's second, so that the section's programs read the
+    same Q and dO tiles and add into the same dQ rows at about the same time. ``TAIL`` (``SPLIT_TAIL``,
+    non-causal): ``t`` from ``tail[0]`` on is a piece of the last wave's items (``_tail_piece``)."""
+    first = 0
+    part = -1
+    if TAIL:
+        count = group_size * (seqlen_q // BLOCK_M)
+        if t >= tail[0]:
+            t, first, count, part = _tail_piece(t, tail, count)
     pid_n, bhk = _sectioned(t, section, seqlen_k // BLOCK_N, batch * nheads_k)
     n_start = pid_n * BLOCK_N
     lo = 0
@@ -166,7 +178,9 @@ def _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, BLOCK_M: gl.const
     if CAUSAL:  # tiles starting before n_start - off + BLOCK_N - 1 have a row that misses a key of the block
         mask_end = n_start - (seqlen_k - seqlen_q) + BLOCK_N - 1
         n_masked = gl.minimum(gl.maximum(mask_end - lo + BLOCK_M - 1, 0) // BLOCK_M, tiles)
-    return bhk // nheads_k, bhk % nheads_k, n_start, lo, tiles, n_masked
+    if not TAIL:
+        count = group_size * tiles
+    return bhk // nheads_k, bhk % nheads_k, n_start, lo, tiles, n_masked, first, count, part
 
 
 @gluon.jit
@@ -206,6 +220,46 @@ def _next_item(t, i, ids, id_ready, id_empty, DYNAMIC: gl.constexpr):
 
 
 @gluon.jit
+def _tail_piece(t, tail, n_tiles):
+    """A split tail (the forward's ``split_tail``, ``fwd_gluon.attn_fwd_gluon``; the backward's ``SPLIT_TAIL``):
+    the work items from ``tail0`` (a multiple of the ``P`` programs) to ``n_items`` are ``R`` < ``P``, too few for a
+    whole wave, so their ``R * n_tiles`` tiles (``n_tiles`` an item: the forward's key tiles, the backward's query
+    tiles of every head of the group) are cut into ``P`` runs of consecutive tiles (program ``p``:
+    ``[p * R * n_tiles // P, (p + 1) * ...)``), each run a piece of one item or the end of one and the start of the
+    next. Virtual item ``tail0 + k * P + p`` is program ``p``'s piece ``k`` (0 or 1): ``(item, first tile, tiles,
+    workspace slot 2 p + k)``; an absent second piece has no tiles (``_skip_empty`` steps over it)."""
+    tail0, n_items = tail
+    P = gl.num_programs(0)
+    units = (n_items - tail0) * n_tiles
+    v = t - tail0
+    k = v // P
+    p = v - k * P
+    c0 = p * units // P
+    c1 = (p + 1) * units // P
+    u = c0
+    if k == 1:  # from the start of the next item
+        u = (c0 // n_tiles + 1) * n_tiles
+    first = u % n_tiles
+    return tail0 + u // n_tiles, first, gl.maximum(gl.minimum(n_tiles - first, c1 - u), 0), 2 * p + k
+
+
+@gluon.jit
+def _skip_empty(t, tail, n_tiles, total, TAIL: gl.constexpr):
+    """The program's next virtual item ``t`` (``_tail_piece``), or ``total`` where it is an absent second piece
+    (the program's run of tiles ends in the item its first piece is in)."""
+    if TAIL:
+        P = gl.num_programs(0)
+        tail0, n_items = tail
+        if t >= tail0 + P:
+            if t < total:
+                p = t - tail0 - P
+                units = (n_items - tail0) * n_tiles
+                if (p * units // P) // n_tiles == ((p + 1) * units // P - 1) // n_tiles:
+                    t = total
+    return t
+
+
+@gluon.jit
 def _bwd_take_item(t, i, counter, ids, id_ready, id_empty, total, SCHEDULE: gl.constexpr):
     """The producer: the program's work item after ``t`` (its ``i``-th, from 0): none (>= ``total``) with
     ``SCHEDULE`` 0 (a program per item), ``t + num_programs`` with 1, with 2 (dynamic) the next one no program
@@ -231,19 +285,21 @@ def _bwd_next_item(t, i, ids, id_ready, id_empty, total, SCHEDULE: gl.constexpr)
 def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, lse_smem,
                 delta_smem, kv_bar, kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, counter,
                 lse_ptr, delta_ptr, stride_lb, stride_lh, batch, nheads_k, seqlen_q, seqlen_k, group_size, section,
-                total, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, CAUSAL: gl.constexpr, SCHEDULE: gl.constexpr, LOADER: gl.constexpr):
+                total, tail, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, SCHEDULE: gl.constexpr,
+                LOADER: gl.constexpr, TAIL: gl.constexpr):
     """A one-warp partition walking the program's work items (``_bwd_item``, in ``SCHEDULE``'s order:
     ``_bwd_take_item``) and their tiles in the compute partition's order (per query head the masked tiles, then
     the mask-free ones): ``LOADER``, the producer (an item's K and V once the compute partition is done with the
     last item's, then Q and dO of every tile by TMA and its rows' LSE and delta, ``STAGES`` ahead, across
-    items); else the dQ writer."""
+    items); else the dQ writer. ``TAIL``: a split-tail piece walks its run of the item's tiles."""
     it = 0  # tiles of the items before
     i = 0  # items before
     t = gl.program_id(0)
+    per_item = group_size * (seqlen_q // BLOCK_M)
     while t < total:
-        b, hk, n_start, lo, tiles, n_masked = _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, BLOCK_M,
-                                                        BLOCK_N, CAUSAL)
+        b, hk, n_start, lo, tiles, n_masked, first, count, part = _bwd_item(
+            t, section, seqlen_q, seqlen_k, batch, nheads_k, group_size, tail, BLOCK_M, BLOCK_N, CAUSAL, TAIL)
         # This batch's LSE and delta rows from the first visible one (int32 offsets below: a head and a tile).
         l_row0 = b.to(gl.int64) * stride_lb + lo
         if LOADER:
@@ -255,9 +311,10 @@ def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_sme
             tma.async_copy_global_to_shared(v_desc, [k_row, hk * HEAD_DIM_V], kv_bar, v_smem)
         row0 = b * seqlen_q + lo
         n_free = tiles - n_masked
-        for j in range(group_size * tiles):
-            masked = j < group_size * n_masked
-            jj = j if masked else j - group_size * n_masked
+        for j in range(count):
+            jf = j + first if TAIL else j
+            masked = jf < group_size * n_masked
+            jj = jf if masked else jf - group_size * n_masked
             per = n_masked if masked else n_free
             g = jj // per
             tile_row = ((jj - g * per) + (0 if masked else n_masked)) * BLOCK_M
@@ -269,11 +326,12 @@ def _bwd_worker(q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_sme
                                lse_ptr + l_off, delta_ptr + l_off, HEAD_DIM, HEAD_DIM_V, STAGES)
             else:
                 _bwd_write_tile(it + j, dq_desc, dq_smem, dq_full, dq_empty, row, h, HEAD_DIM)
-        it += group_size * tiles
+        it += count
         if LOADER:  # as late as it can: a dynamic order's program claims an item only when about to load it
             t = _bwd_take_item(t, i, counter, ids, id_ready, id_empty, total, SCHEDULE)
         else:
             t = _bwd_next_item(t, i, ids, id_ready, id_empty, total, SCHEDULE)
+        t = _skip_empty(t, tail, per_item, total, TAIL)
         i += 1
 
 
@@ -416,15 +474,15 @@ def _bwd_tile_wide(it, dk, dv, q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem
 @gluon.jit
 def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem, delta_smem, kv_bar, kv_empty,
                  ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, dk_desc, dv_desc, batch, nheads_k,
-                 group_size, section, seqlen_q, seqlen_k, total, qk_scale, softmax_scale,
+                 group_size, section, seqlen_q, seqlen_k, total, qk_scale, softmax_scale, tail, ws,
                  HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, SCHEDULE: gl.constexpr,
-                 NUM_WARPS: gl.constexpr):
+                 NUM_WARPS: gl.constexpr, TAIL: gl.constexpr):
     """The two compute warpgroups, per work item of the program (``_bwd_item``): five GEMMs per tile, dK/dV in
     registers, dQ shares handed to the writer; per query head, the tiles that straddle the causal diagonal
     (masked) first, then the rest. dK and dV go out through K's and V's buffers by TMA; those are handed back to
-    the producer once the stores have read them."""
-    dtype: gl.constexpr = k_smem.dtype
+    the producer once the stores have read them. ``TAIL``: a split-tail piece's dK and dV go to its slot of the
+    workspace ``ws`` (``_bwd_write_piece``)."""
     WIDE: gl.constexpr = HEAD_DIM > 128  # D = 256 (_bwd_tile_wide, gluon_bwd_tiles)
     # Keys along M (64 per warpgroup) for S^T, dP^T, dK, dV; dQ splits its head dim between the warpgroups.
     # WIDE: 64 keys in all; S^T and dP^T split their query rows, dK and dV their head dims.
@@ -446,9 +504,10 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse
     it = 0  # tiles of the items before
     i = 0  # items before
     t = gl.program_id(0)
+    per_item = group_size * (seqlen_q // BLOCK_M)
     while t < total:
-        b, hk, n_start, lo, tiles, n_masked = _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, BLOCK_M,
-                                                        BLOCK_N, CAUSAL)
+        b, hk, n_start, lo, tiles, n_masked, first, count, part = _bwd_item(
+            t, section, seqlen_q, seqlen_k, batch, nheads_k, group_size, tail, BLOCK_M, BLOCK_N, CAUSAL, TAIL)
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, dk_layout)
         dv = gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, dv_layout)
         n_free = tiles - n_masked
@@ -478,49 +537,89 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse
                                    delta_smem, ready, empty, dq_full, dq_empty, start + off - n_start, qk_scale,
                                    zero_s, zero_dq, pa_layout, dsa_layout, STAGES, True, DQ_EARLY)
             free0 = it + group_size * n_masked
-            for j in range(group_size * n_free):
+            # TAIL (non-causal, no masked tiles): a piece's run of tiles; the tile only picks the ring slot.
+            for j in range(count if TAIL else group_size * n_free):
                 dk, dv = _bwd_tile(free0 + j, dk, dv, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, lse_smem,
                                    delta_smem, ready, empty, dq_full, dq_empty, 0, qk_scale, zero_s, zero_dq,
                                    pa_layout, dsa_layout, STAGES, False, DQ_EARLY)
-        it += group_size * tiles
-        # dK and dV out through K's and V's buffers by TMA, once every warp's last GEMM has read them; K and V are
-        # handed back once the stores have read them. From registers (plain stores, 16 bytes a row a warp) these
-        # stalled the compute warps on the memory queue: 12% of the kernel's samples at D=128 1k (ncu, H100,
-        # 2026-11-25). x cuDNN, registers -> TMA, 1k / 4k / 16k: D=128 0.95 / 1.10 / 1.04 -> 1.02 / 1.12 / 1.09,
-        # causal 0.95 / 0.99 / 1.05 -> 1.04 / 1.06 / 1.06; D=256 1.02 / 1.07 / 1.15 -> 1.10 / 1.12 / 1.16, causal
-        # 0.94 / 1.04 / 1.09 -> 1.00 / 1.09 / 1.10; D=64 within 3% either way.
-        gl.thread_barrier()
-        k_smem.store((dk * softmax_scale).to(dtype))
-        v_smem.store(dv.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()  # every thread's share is in before the stores are issued
-        # The item again rather than its (b, hk, n_start) kept across the loops (D = 256 spilled them there).
-        b, hk, n_start, lo, tiles, n_masked = _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, BLOCK_M,
-                                                        BLOCK_N, CAUSAL)
-        k_row = b * seqlen_k + n_start
-        tma.async_copy_shared_to_global(dk_desc, [k_row, hk * HEAD_DIM], k_smem)
-        tma.async_copy_shared_to_global(dv_desc, [k_row, hk * HEAD_DIM_V], v_smem)
-        tma.store_wait(pendings=0)
-        gl.thread_barrier()  # the warps that issued the stores have seen them read
+        it += count
+        if TAIL:
+            if part >= 0:
+                _bwd_write_piece(dk * softmax_scale, dv, ws, part)
+                gl.thread_barrier()  # every warp's last GEMM has read K and V
+            else:
+                _bwd_store_dkdv(dk, dv, k_smem, v_smem, dk_desc, dv_desc, t, section, seqlen_q, seqlen_k, batch,
+                                nheads_k, group_size, tail, softmax_scale, BLOCK_M, BLOCK_N, CAUSAL, TAIL)
+        else:
+            _bwd_store_dkdv(dk, dv, k_smem, v_smem, dk_desc, dv_desc, t, section, seqlen_q, seqlen_k, batch, nheads_k,
+                            group_size, tail, softmax_scale, BLOCK_M, BLOCK_N, CAUSAL, TAIL)
         mbarrier.arrive(kv_empty)
-        t = _bwd_next_item(t, i, ids, id_ready, id_empty, total, SCHEDULE)
+        t = _skip_empty(_bwd_next_item(t, i, ids, id_ready, id_empty, total, SCHEDULE), tail, per_item, total, TAIL)
         i += 1
+
+
+@gluon.jit
+def _bwd_store_dkdv(dk, dv, k_smem, v_smem, dk_desc, dv_desc, t, section, seqlen_q, seqlen_k, batch, nheads_k,
+                    group_size, tail, softmax_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    CAUSAL: gl.constexpr, TAIL: gl.constexpr):
+    """Item ``t``'s dK (scaled) and dV out through K's and V's buffers by TMA, once every warp's last GEMM has read
+    them; returns once the stores have read the buffers (K and V may be handed back)."""
+    HEAD_DIM: gl.constexpr = k_smem.shape[1]
+    HEAD_DIM_V: gl.constexpr = v_smem.shape[1]
+    # From registers (plain stores, 16 bytes a row a warp) these
+    # stalled the compute warps on the memory queue: 12% of the kernel's samples at D=128 1k (ncu, H100,
+    # 2026-11-25). x cuDNN, registers -> TMA, 1k / 4k / 16k: D=128 0.95 / 1.10 / 1.04 -> 1.02 / 1.12 / 1.09,
+    # causal 0.95 / 0.99 / 1.05 -> 1.04 / 1.06 / 1.06; D=256 1.02 / 1.07 / 1.15 -> 1.10 / 1.12 / 1.16, causal
+    # 0.94 / 1.04 / 1.09 -> 1.00 / 1.09 / 1.10; D=64 within 3% either way.
+    gl.thread_barrier()
+    k_smem.store((dk * softmax_scale).to(k_smem.dtype))
+    v_smem.store(dv.to(v_smem.dtype))
+    fence_async_shared()
+    gl.thread_barrier()  # every thread's share is in before the stores are issued
+    # The item again rather than its (b, hk, n_start) kept across the loops (D = 256 spilled them there).
+    b, hk, n_start, lo, tiles, n_masked, first, count, part = _bwd_item(
+        t, section, seqlen_q, seqlen_k, batch, nheads_k, group_size, tail, BLOCK_M, BLOCK_N, CAUSAL, TAIL)
+    k_row = b * seqlen_k + n_start
+    tma.async_copy_shared_to_global(dk_desc, [k_row, hk * HEAD_DIM], k_smem)
+    tma.async_copy_shared_to_global(dv_desc, [k_row, hk * HEAD_DIM_V], v_smem)
+    tma.store_wait(pendings=0)
+    gl.thread_barrier()  # the warps that issued the stores have seen them read
+
+
+@gluon.jit
+def _bwd_write_piece(dk, dv, ws, part):
+    """A split-tail piece's dK (scaled) and dV over its run of tiles, fp32, into slot ``part`` of the workspace
+    ``ws = (dk, dv)`` (``attn_bwd_gluon`` sums each item's pieces after the kernel)."""
+    ws_dk, ws_dv = ws
+    BLOCK_N: gl.constexpr = dk.shape[0]
+    HEAD_DIM: gl.constexpr = dk.shape[1]
+    HEAD_DIM_V: gl.constexpr = dv.shape[1]
+    k_layout: gl.constexpr = dk.type.layout
+    v_layout: gl.constexpr = dv.type.layout
+    rows = (part * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, k_layout))).to(gl.int64)
+    gl.store(ws_dk + (rows * HEAD_DIM)[:, None] + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, k_layout))[None, :],
+             dk)
+    rows = (part * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, v_layout))).to(gl.int64)
+    gl.store(ws_dv + (rows * HEAD_DIM_V)[:, None] + gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, v_layout))[
+        None, :], dv)
 
 
 @gluon.jit
 def _attn_bwd_gluon_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, counter, stride_lb, stride_lh,
-    batch, nheads_k, seqlen_q, seqlen_k, group_size, section, total, qk_scale, softmax_scale,
-    HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    batch, nheads_k, seqlen_q, seqlen_k, group_size, section, total, qk_scale, softmax_scale, tail0, n_items, ws_dk,
+    ws_dv, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, CAUSAL: gl.constexpr, DQ_EARLY: gl.constexpr, SCHEDULE: gl.constexpr,
-    ID_SLOTS: gl.constexpr, NUM_WARPS: gl.constexpr, WORKER_REGS: gl.constexpr,
+    ID_SLOTS: gl.constexpr, NUM_WARPS: gl.constexpr, WORKER_REGS: gl.constexpr, TAIL: gl.constexpr,
 ):
     """dK, dV of key blocks of kv heads and their shares of dQ (added into the fp32 accumulator behind
     ``dq_desc``, unscaled). Work items are (kv head, key block) pairs in the L2 sections of ``_bwd_item``;
     ``SCHEDULE``: 0, a program per item; 1, persistent programs each walking items program_id, program_id +
     num_programs, ...; 2, persistent programs each taking the next item no program has yet (``counter``, zeroed:
     the first item of each program is its own), the producer handing it to the other partitions through
-    shared memory."""
+    shared memory. ``TAIL`` (``SPLIT_TAIL``, with 1): the items from ``tail0`` to ``n_items``, too few for a whole
+    wave, split by query tiles over every program (``_tail_piece``; ``total`` counts the pieces' virtual items),
+    the pieces' dK and dV written to the workspace ``ws_dk`` / ``ws_dv``."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM_V], do_desc.layout)
@@ -570,15 +669,18 @@ def _attn_bwd_gluon_kernel(
         (_bwd_compute, (q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse_smem, delta_smem, kv_bar,
                         kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, dk_desc, dv_desc, batch,
                         nheads_k, group_size, section, seqlen_q, seqlen_k, total, qk_scale, softmax_scale,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, DQ_EARLY, SCHEDULE, NUM_WARPS)),
+                        (tail0, n_items), (ws_dk, ws_dv), HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
+                        DQ_EARLY, SCHEDULE, NUM_WARPS, TAIL)),
         (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, lse_smem,
                        delta_smem, kv_bar, kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, counter,
                        lse_ptr, delta_ptr, stride_lb, stride_lh, batch, nheads_k, seqlen_q, seqlen_k, group_size,
-                       section, total, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, SCHEDULE, True)),
+                       section, total, (tail0, n_items), HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
+                       SCHEDULE, True, TAIL)),
         (_bwd_worker, (q_desc, do_desc, k_desc, v_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, dq_smem, lse_smem,
                        delta_smem, kv_bar, kv_empty, ready, empty, dq_full, dq_empty, ids, id_ready, id_empty, counter,
                        lse_ptr, delta_ptr, stride_lb, stride_lh, batch, nheads_k, seqlen_q, seqlen_k, group_size,
-                       section, total, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL, SCHEDULE, False)),
+                       section, total, (tail0, n_items), HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
+                       SCHEDULE, False, TAIL)),
     ], [1, 1], [WORKER_REGS, WORKER_REGS])
 
 
@@ -686,14 +788,48 @@ def attn_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, *, qk_scale, softmax
     block_m, block_n, stages = gluon_bwd_tiles(d)
     schedule = gluon_bwd_schedule(d, causal)
     items = batch * nheads_k * (seqlen_k // block_n)
+    programs = min(items, sm_count(q.device)) if schedule else items
+    per_item = group * (seqlen_q // block_m)  # (query head, tile) pairs of a work item
+    tail0 = split_tail_start(SPLIT_TAIL and schedule == 1, items, programs, per_item)
+    total, ws_dk, ws_dv = items, lse, lse
+    if tail0 < items:  # a piece per program and two for those whose run of tiles crosses into a next item
+        total = tail0 + 2 * programs
+        ws_dk = torch.empty(2 * programs * block_n * d, device=q.device, dtype=torch.float32)
+        ws_dv = torch.empty(2 * programs * block_n * dv_dim, device=q.device, dtype=torch.float32)
     # The next item's counter (schedule 2): the first item of each program is its own, so it counts from 0.
     counter = zeroed_counter(q.device) if schedule == 2 else lse
     launch_cached(
-        _attn_bwd_gluon_kernel, (min(items, sm_count(q.device)) if schedule else items,),
+        _attn_bwd_gluon_kernel, (programs,),
         _desc(q, block_m), _desc(k, block_n), _desc(v, block_n), _desc(do, block_m), _desc(dq_acc, block_m),
         _desc(dk, block_n), _desc(dv, block_n), lse, delta, counter, lse.stride(0), lse.stride(1),
-        batch, nheads_k, seqlen_q, seqlen_k, group, section, items, qk_scale, softmax_scale,
-        HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
+        batch, nheads_k, seqlen_q, seqlen_k, group, section, total, qk_scale, softmax_scale, tail0, items, ws_dk,
+        ws_dv, HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         DQ_EARLY=DQ_EARLY, SCHEDULE=schedule, ID_SLOTS=ID_SLOTS, NUM_WARPS=NUM_WARPS,
-        WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS,
+        WORKER_REGS=WORKER_REGS, TAIL=tail0 < items, num_warps=NUM_WARPS,
     )
+    if tail0 < items:
+        attn_tail_sum(ws_dk, ws_dv, dk, dv, tail0=tail0, n_items=items, n_tiles=per_item, nprog=programs,
+                      section=section, block_n=block_n)
+
+
+# The split tails (the forward's split_tail, the backward's SPLIT_TAIL): the shortest run of tiles a program may
+# get, and the fewest tile-times a split must save (each piece's first and last GEMMs run alone, its output goes
+# out in fp32, the merge is a launch).
+TAIL_MIN_TILES = 8
+TAIL_MIN_SAVED = 4
+
+
+def split_tail_start(split, items, programs, n_tiles):
+    """The first work item of a split tail (``_tail_piece``), or ``items`` for none: with ``split`` (items of equal
+    length, one program per SM walking every ``programs``-th), ``items`` not a multiple of the ``programs``, the
+    last wave's ``rest`` items are split by tiles (``n_tiles`` an item) over every program where each program's
+    run is at least ``TAIL_MIN_TILES`` tiles and the split saves ``TAIL_MIN_SAVED`` tile-times (the last wave's
+    ``n_tiles`` against ``rest * n_tiles / programs``). Without it the last wave runs ``rest`` whole items while
+    the other programs idle: at 2048 items on 132 SMs (D = 128, 16k tokens, any length, forward and backward) that
+    is 16 item-times for 15.5 items' work."""
+    rest = items % programs if items > programs else 0
+    if not split or rest == 0:
+        return items
+    if rest * n_tiles // programs < TAIL_MIN_TILES or (programs - rest) * n_tiles // programs < TAIL_MIN_SAVED:
+        return items
+    return items - rest

@@ -44,7 +44,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ..configs import sm_count
-from .bwd_gluon import ID_SLOTS, _desc, _next_item, _sectioned, _take_item, gluon_switch
+from .bwd_gluon import ID_SLOTS, _desc, _next_item, _sectioned, _skip_empty, _tail_piece, _take_item, gluon_switch
+from .bwd_gluon import split_tail_start as tail_start
+from .combine import attn_tail_combine
 from .fwd import fwd_softmax_args
 from .fwd_hopper import _tma_ok
 from .launch import l2_section, launch_cached, zeroed_counter
@@ -70,6 +72,7 @@ class GluonFwdConfig:
     o_tma: bool = True  # O goes out through shared memory by TMA (else from registers)
     consumers: int = 2  # consumer warpgroups of 64 query rows: a work item is 64 * consumers rows
     p16: bool = False  # P carried between key tiles in 16 bits, not fp32 (always with three consumer warpgroups)
+    split_tail: bool = False  # non-causal, persistent: the last wave's items split by keys over every program
 
     def __post_init__(self):
         if self.dynamic and not self.persistent:
@@ -78,6 +81,8 @@ class GluonFwdConfig:
             raise ValueError("GluonFwdConfig: q_buffers is 1 or 2, and 2 with overlap")
         if self.consumers not in (2, 3) or (self.consumers == 3 and (self.pingpong or self.q_buffers != 1)):
             raise ValueError("GluonFwdConfig: consumers is 2 or 3, and 3 without ping-pong, with one Q buffer")
+        if self.split_tail and (not self.persistent or self.dynamic or self.consumers != 2):
+            raise ValueError("GluonFwdConfig: split_tail is a static persistent schedule's, two consumer warpgroups")
 
     @property
     def block_m(self):
@@ -95,8 +100,9 @@ class GluonFwdConfig:
         return CONSUMER_REGS if self.consumers == 2 else CONSUMER_REGS_3
 
     def with_consumers(self, consumers):
-        """This config with ``consumers`` warpgroups; three drop ping-pong, the overlap and the second Q buffer."""
-        three = dict(pingpong=False, overlap=False, q_buffers=1) if consumers == 3 else {}
+        """This config with ``consumers`` warpgroups; three drop ping-pong, the overlap, the second Q buffer and
+        the split tail."""
+        three = dict(pingpong=False, overlap=False, q_buffers=1, split_tail=False) if consumers == 3 else {}
         return replace(self, consumers=consumers, **three)
 
 
@@ -165,24 +171,32 @@ class GluonFwdConfig:
 _CONFIGS = {
     (64, False): GluonFwdConfig(128, 3, persistent=True),
     (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
-    (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True, q_buffers=2, p16=True),
+    (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True, q_buffers=2, p16=True, split_tail=True),
     (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True, p16=True),
-    (256, False): GluonFwdConfig(64, 2, persistent=True),
+    (256, False): GluonFwdConfig(64, 2, persistent=True, split_tail=True),
     (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True),
 }
 
 
 @gluon.jit
-def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLOCK_M: gl.constexpr,
-          BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, RAGGED: gl.constexpr):
-    """Work item ``t``: ``(m_start, b, h, hk, n_tiles, n_free)``, its first query row, batch, head, kv head, key
-    tiles to walk and how many of them are mask-free. Non-causal: the query tiles of one head in a row (they
+def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, tail, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, RAGGED: gl.constexpr, TAIL: gl.constexpr):
+    """Work item ``t``: ``(m_start, b, h, hk, n_tiles, n_free, k_first, part)``, its first query row, batch,
+    head, kv head, key tiles to walk, how many of them are mask-free, the first of them and its workspace slot
+    (-1: the whole item, written to O). Non-causal: the query tiles of one head in a row (they
     share K and V in L2). Causal: longest first within sections of ``section`` heads (whose K and V fit in L2
     together): the last query tile of each head of the section, then the one before, and so on. Longest first
     over every head at once would stream each head's K and V from memory once per query tile when they all
     exceed L2. ``RAGGED`` (three consumer warpgroups, ``S_q`` a multiple of 64): the tiles end at the last query
     row, and where ``S_q`` is not a multiple of ``BLOCK_M`` the first one starts above row 0 (``m_start < 0``;
-    causal: the shortest item)."""
+    causal: the shortest item). ``TAIL`` (non-causal): ``t`` from ``tail[0]`` on is a piece of the last
+    wave's items (``_tail_piece``)."""
+    k_first = 0
+    part = -1
+    if TAIL:
+        n_piece = seqlen_k // BLOCK_N
+        if t >= tail[0]:
+            t, k_first, n_piece, part = _tail_piece(t, tail, n_piece)
     if CAUSAL:
         i, bh = _sectioned(t, section, tiles_m, n_bh)
         pid_m = tiles_m - 1 - i
@@ -194,6 +208,8 @@ def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLO
     if RAGGED:
         m_start -= tiles_m * BLOCK_M - seqlen_q
     n_tiles = seqlen_k // BLOCK_N
+    if TAIL:
+        n_tiles = n_piece
     n_free = n_tiles
     if CAUSAL:  # keys up to the last row's diagonal; mask-free up to the first row's
         off = seqlen_k - seqlen_q
@@ -202,7 +218,7 @@ def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLO
             n_free = gl.minimum(gl.maximum(m_start + off + 1, 0) // BLOCK_N, n_tiles)
         else:
             n_free = gl.minimum((m_start + off + 1) // BLOCK_N, n_tiles)
-    return m_start, bh // nheads, h, h // group_size, n_tiles, n_free
+    return m_start, bh // nheads, h, h // group_size, n_tiles, n_free, k_first, part
 
 
 @gluon.jit
@@ -226,29 +242,33 @@ def _load_q(q_desc, q_smem, q_bar, q_empty, i, q_row, q_col):
 @gluon.jit
 def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
               ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-              section, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr):
+              section, tail, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, TAIL: gl.constexpr):
     """The producer warp, per work item: Q, then K and V of every key tile, ``STAGES`` tiles ahead, across work
     items; the program's next item (``_take_item``; ``DYNAMIC``: handed to the consumers). One Q buffer: Q once
     the consumers' last S GEMMs of the previous item have read it, the next item taken after this one's loads.
     Two: the next item taken once this one's first K and V are on their way, and its Q loaded then, a whole item
-    ahead (under the dynamic order that claims items earlier, which measured slower: one buffer there)."""
+    ahead (under the dynamic order that claims items earlier, which measured slower: one buffer there). ``TAIL``:
+    the split tail's pieces (``_tail_piece``) load their run of key tiles."""
     QB: gl.constexpr = q_bar.shape[0]
     WGS: gl.constexpr = q_smem.shape[0] // QB
     BLOCK_M: gl.constexpr = WGS * q_desc.block_type.shape[0]
     it = 0
     i = 0
     t = gl.program_id(0)
+    n_full = seqlen_k // BLOCK_N
     if QB == 2:
-        m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, BLOCK_M, BLOCK_N, CAUSAL, WGS == 3)
+        m_start, b, h, hk, n_tiles, n_free, k_first, part = _tile(
+            t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, tail, BLOCK_M, BLOCK_N, CAUSAL,
+            WGS == 3, TAIL)
         _load_q(q_desc, q_smem, q_bar, q_empty, 0, b * seqlen_q + m_start, h * HEAD_DIM)
     while t < total:
-        m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, BLOCK_M, BLOCK_N, CAUSAL, WGS == 3)
+        m_start, b, h, hk, n_tiles, n_free, k_first, part = _tile(
+            t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, tail, BLOCK_M, BLOCK_N, CAUSAL,
+            WGS == 3, TAIL)
         if QB == 1:
             _load_q(q_desc, q_smem, q_bar, q_empty, i, b * seqlen_q + m_start, h * HEAD_DIM)
-        k_row0 = b * seqlen_k
+        k_row0 = b * seqlen_k + k_first * BLOCK_N
         t_next = t
         for j in range(n_tiles):
             s = it % STAGES
@@ -264,14 +284,16 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
             it += 1
             if QB == 2:
                 if j == 0:
-                    t_next = _take_item(t, i, counter, ids, id_ready, id_empty, DYNAMIC)
+                    t_next = _skip_empty(_take_item(t, i, counter, ids, id_ready, id_empty, DYNAMIC), tail,
+                                         n_full, total, TAIL)
                     if t_next < total:
-                        m_2, b_2, h_2, hk_2, n_tiles_2, n_free_2 = _tile(
-                            t_next, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, BLOCK_M, BLOCK_N,
-                            CAUSAL, False)
+                        m_2, b_2, h_2, hk_2, n_tiles_2, n_free_2, k_2, part_2 = _tile(
+                            t_next, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, tail, BLOCK_M,
+                            BLOCK_N, CAUSAL, False, TAIL)
                         _load_q(q_desc, q_smem, q_bar, q_empty, i + 1, b_2 * seqlen_q + m_2, h_2 * HEAD_DIM)
         if QB == 1:  # as late as it can: the dynamic order's programs claim an item only when about to start it
-            t_next = _take_item(t, i, counter, ids, id_ready, id_empty, DYNAMIC)
+            t_next = _skip_empty(_take_item(t, i, counter, ids, id_ready, id_empty, DYNAMIC), tail, n_full, total,
+                                 TAIL)
         t = t_next
         i += 1
 
@@ -389,7 +411,41 @@ def _store_o(o, o_desc, o_smem, row, col):
 
 @gluon.jit
 def _fwd_epilogue(acc, m_i, l_i, o_desc, o_smem, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
-                  stride_lh, s_layout: gl.constexpr, dtype: gl.constexpr, O_TMA: gl.constexpr):
+                  stride_lh, part, ws, s_layout: gl.constexpr, dtype: gl.constexpr, O_TMA: gl.constexpr,
+                  TAIL: gl.constexpr):
+    """The warpgroup's rows of an item (``_write_o``) or, ``TAIL`` and ``part >= 0``, of a split-tail piece
+    (``_write_piece``: slot ``part`` of the workspace ``ws``)."""
+    if TAIL:
+        if part >= 0:
+            BLOCK_M: gl.constexpr = 2 * acc.shape[0]
+            _write_piece(acc, m_i, l_i, ws, part * BLOCK_M + row0 % BLOCK_M, s_layout)
+        else:
+            _write_o(acc, m_i, l_i, o_desc, o_smem, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
+                     stride_lh, s_layout, dtype, O_TMA)
+    else:
+        _write_o(acc, m_i, l_i, o_desc, o_smem, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
+                 stride_lh, s_layout, dtype, O_TMA)
+
+
+@gluon.jit
+def _write_piece(acc, m_i, l_i, ws, ws_row, s_layout: gl.constexpr):
+    """A split-tail piece's O over its keys (normalised by its own sum, fp32) and LSE (natural log) into rows
+    ``ws_row`` on of the workspace ``ws = (o, lse)`` (``attn_fwd_gluon`` merges the pieces after the kernel)."""
+    ws_o, ws_lse = ws
+    HALF: gl.constexpr = acc.shape[0]
+    HEAD_DIM_V: gl.constexpr = acc.shape[1]
+    o_layout: gl.constexpr = acc.type.layout
+    o = acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
+    rows = (ws_row + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))).to(gl.int64)
+    cols = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, o_layout))
+    gl.store(ws_o + (rows * HEAD_DIM_V)[:, None] + cols[None, :], o)
+    gl.store(ws_lse + ws_row + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout)),
+             (m_i + gl.log2(l_i)) * 0.6931471805599453)
+
+
+@gluon.jit
+def _write_o(acc, m_i, l_i, o_desc, o_smem, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
+             stride_lh, s_layout: gl.constexpr, dtype: gl.constexpr, O_TMA: gl.constexpr):
     """O / l and the LSE (natural log) of the warpgroup's rows. ``O_TMA``: O through the warpgroup's buffer
     ``o_smem`` by TMA stores left in flight (one, or at D = 256, whose buffer holds half the columns, one per
     half); else from registers."""
@@ -418,10 +474,10 @@ def _fwd_epilogue(acc, m_i, l_i, o_desc, o_smem, o_ptr, lse_ptr, b, h, row0, seq
 @gluon.jit
 def _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_free, k_ready, v_ready, k_empty, v_empty, turn, ids,
                   id_ready, id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, t, i, it, n_tiles,
-                  n_free, b, h, row0, off, seqlen_q, zero_s, qk_scale, s_layout: gl.constexpr,
+                  n_free, b, h, row0, off, seqlen_q, zero_s, qk_scale, part, ws, s_layout: gl.constexpr,
                   o_layout: gl.constexpr, p_layout: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
                   CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
-                  O_TMA: gl.constexpr, P16: gl.constexpr):
+                  O_TMA: gl.constexpr, P16: gl.constexpr, TAIL: gl.constexpr):
     """A consumer warpgroup's rows (``row0`` on) of the program's ``i``-th work item ``t``, whose first key tile
     is ring position ``it``: the first tile's GEMM alone, then two GEMMs in flight per step (``_key_tiles``),
     the last P V alone, O and the LSE out. Returns the program's next item."""
@@ -438,7 +494,7 @@ def _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_free, k_ready, v_read
     t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
     acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, it + n_tiles - 1, p_layout, STAGES, WG, PINGPONG)
     _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
-                  stride_lh, s_layout, q_view.dtype, O_TMA)
+                  stride_lh, part, ws, s_layout, q_view.dtype, O_TMA, TAIL)
     return t_next
 
 
@@ -465,18 +521,20 @@ def _idle_item(q_bar, q_free, k_ready, v_ready, k_empty, v_empty, ids, id_ready,
 @gluon.jit
 def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
-                 OVERLAP: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr):
+                 OVERLAP: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr,
+                 TAIL: gl.constexpr):
     """One consumer warpgroup (``WG`` of ``WGS``): per work item, its 64 query rows (Q piece ``WGS * buffer +
     WG``) against every key tile, two GEMMs in flight per step (``_consume_item``). ``PINGPONG``: the warpgroups
     issue their GEMMs by turns (``turn``: warpgroup w waits on its barrier before issuing, then arrives on the
     other's; warpgroup 0 goes first), so that one's softmax runs while the other's GEMMs do. ``OVERLAP`` (two Q
     buffers): the next item's first S GEMM goes to the tensor cores with this item's last P V, and its softmax
     runs while that P V does, instead of each running alone. Three warpgroups: a warpgroup whose rows of a ragged
-    first tile lie above row 0 sits the item out (``_idle_item``). ``shared``: the buffers, barriers, descriptors
-    and sizes every consumer warpgroup takes, packed once by the kernel."""
+    first tile lie above row 0 sits the item out (``_idle_item``). ``TAIL``: the split tail's pieces
+    (``_tail_piece``) go to the workspace. ``shared``: the buffers, barriers, descriptors and sizes every
+    consumer warpgroup takes, packed once by the kernel."""
     (q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids, id_ready, id_empty,
      o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
-     seqlen_k, section, qk_scale) = shared
+     seqlen_k, section, qk_scale, tail, ws) = shared
     HALF: gl.constexpr = q_smem.shape[1]
     QB: gl.constexpr = q_bar.shape[0]
     dtype: gl.constexpr = q_smem.dtype
@@ -488,18 +546,21 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
     zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
     o_view = o_smem.index(WG if O_TMA else 0)
     off = seqlen_k - seqlen_q
+    n_full = seqlen_k // BLOCK_N
     it = 0  # key tiles consumed so far (ring slots and phases, turns)
     i = 0  # work items done (Q's buffer and phase, the item ring's slot)
     t = gl.program_id(0)
     if OVERLAP:  # the first item's first tile; the later items' come with the previous item's last P V
-        m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, 2 * HALF, BLOCK_N, CAUSAL, False)
+        m_start, b, h, hk, n_tiles, n_free, k_first, part = _tile(
+            t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, tail, 2 * HALF, BLOCK_N, CAUSAL, False,
+            TAIL)
         mbarrier.wait(q_bar.index(0), 0)
         m_i, l_i, p = _first_tile(q_smem.index(WG), k_smem, k_ready, k_empty, q_empty.index(0), 0, n_tiles,
                                   n_free, m_start + WG * HALF + off, zero_s, qk_scale, STAGES, BLOCK_N, CAUSAL, P16)
     while t < total:
-        m_start, b, h, hk, n_tiles, n_free = _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k,
-                                                   section, WGS * HALF, BLOCK_N, CAUSAL, WGS == 3)
+        m_start, b, h, hk, n_tiles, n_free, k_first, part = _tile(
+            t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, tail, WGS * HALF, BLOCK_N, CAUSAL,
+            WGS == 3, TAIL)
         row0 = m_start + WG * HALF
         qb = i % QB
         q_view = q_smem.index(WGS * qb + WG)
@@ -509,12 +570,12 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
                                           q_empty.index(qb), turn, it, n_tiles, n_free, row0 + off, m_i, l_i, p, acc,
                                           zero_s, qk_scale, p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG)
             last = it + n_tiles - 1
-            t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
+            t_next = _skip_empty(_next_item(t, i, ids, id_ready, id_empty, DYNAMIC), tail, n_full, total, TAIL)
             if t_next < total:
                 # The next item's first S GEMM with this item's last P V (one turn), its softmax while P V runs.
-                m_2, b_2, h_2, hk_2, n_tiles_2, n_free_2 = _tile(t_next, tiles_m, n_bh, nheads, group_size,
-                                                                 seqlen_q, seqlen_k, section, 2 * HALF, BLOCK_N,
-                                                                 CAUSAL, False)
+                m_2, b_2, h_2, hk_2, n_tiles_2, n_free_2, k_2, part_2 = _tile(
+                    t_next, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, tail, 2 * HALF, BLOCK_N,
+                    CAUSAL, False, TAIL)
                 qn = (i + 1) % QB
                 nxt = last + 1
                 p16 = gl.convert_layout(p.to(dtype), p_layout)
@@ -540,7 +601,7 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
                 acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout, STAGES, WG, PINGPONG)
                 m_n, l_n, p_n = m_i, l_i, p
             _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
-                          stride_lh, s_layout, dtype, O_TMA)
+                          stride_lh, part, ws, s_layout, dtype, O_TMA, TAIL)
             m_i, l_i, p = m_n, l_n, p_n
         elif WGS == 3 and row0 < 0:  # WGS == 3 is static: the two-warpgroup builds have no such branch
             t_next = _idle_item(q_bar, q_empty.index(qb), k_ready, v_ready, k_empty, v_empty, ids, id_ready,
@@ -549,8 +610,9 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
             t_next = _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_empty.index(qb), k_ready, v_ready,
                                    k_empty, v_empty, turn, ids, id_ready, id_empty, o_desc, o_ptr, lse_ptr,
                                    stride_os, stride_lb, stride_lh, t, i, it, n_tiles, n_free, b, h, row0, off,
-                                   seqlen_q, zero_s, qk_scale, s_layout, o_layout, p_layout, STAGES, BLOCK_N,
-                                   CAUSAL, DYNAMIC, WG, PINGPONG, O_TMA, P16)
+                                   seqlen_q, zero_s, qk_scale, part, ws, s_layout, o_layout, p_layout, STAGES,
+                                   BLOCK_N, CAUSAL, DYNAMIC, WG, PINGPONG, O_TMA, P16, TAIL)
+            t_next = _skip_empty(t_next, tail, n_full, total, TAIL)
         it += n_tiles
         t = t_next
         i += 1
@@ -561,22 +623,27 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
 @gluon.jit
 def _attn_fwd_gluon_kernel(
     q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, counter, stride_os, stride_lb, stride_lh,
-    batch, nheads, seqlen_q, seqlen_k, group_size, section, qk_scale,
+    batch, nheads, seqlen_q, seqlen_k, group_size, section, qk_scale, tail0, ws_o, ws_lse,
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
     QB: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr, ID_SLOTS: gl.constexpr,
-    LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, TAIL: gl.constexpr,
 ):
     """O and LSE of ``WGS`` x 64 query rows of one head per work item (``_tile``); a program takes items
     ``program_id, program_id + num_programs, ...`` (one each when the grid covers them all; persistent when
-    it has one program per SM)."""
+    it has one program per SM). ``TAIL``: the items from ``tail0`` on, too few for a whole wave, split by keys over
+    every program (``_tail_piece``), the pieces written to the workspace ``ws_o`` / ``ws_lse``."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     if WGS == 3:  # the first tile may be ragged (_tile)
         tiles_m = (seqlen_q + WGS * HALF - 1) // (WGS * HALF)
     else:
         tiles_m = seqlen_q // (WGS * HALF)
     n_bh = batch * nheads
-    total = tiles_m * n_bh
+    n_items = tiles_m * n_bh
+    total = n_items
+    if TAIL:  # each program's pieces of the last wave's items are virtual items tail0 + p, tail0 + P + p
+        total = tail0 + 2 * gl.num_programs(0)
+    tail = (tail0, n_items)
 
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [WGS * QB, HALF, HEAD_DIM], q_desc.layout)  # QB buffers of WGS pieces
@@ -615,28 +682,28 @@ def _attn_fwd_gluon_kernel(
     # partition list must be a literal: a list or tuple holding a function cannot be built in a variable.)
     shared = (q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids, id_ready,
               id_empty, o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads,
-              group_size, seqlen_q, seqlen_k, section, qk_scale)
+              group_size, seqlen_q, seqlen_k, section, qk_scale, tail, (ws_o, ws_lse))
     if WGS == 3:
         gl.warp_specialize([
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16)),
+                            P16, TAIL)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16)),
+                            P16, TAIL)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 2, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16)),
+                            P16, TAIL)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
-                         seqlen_k, section, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC)),
+                         seqlen_k, section, tail, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, TAIL)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16)),
+                            P16, TAIL)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16)),
+                            P16, TAIL)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
-                         seqlen_k, section, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC)),
+                         seqlen_k, section, tail, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, TAIL)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -704,6 +771,12 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     cfg = cfg or gluon_fwd_config(d, causal, seqlen_q)
     tiles = -(-seqlen_q // cfg.block_m) * batch * nheads
     grid = (min(tiles, sm_count(q.device)) if cfg.persistent else tiles,)
+    n_tiles = seqlen_k // cfg.block_n
+    tail0 = split_tail_start(cfg, causal, tiles, grid[0], n_tiles)
+    ws_o = ws_lse = lse
+    if tail0 < tiles:  # a piece per program and two for those whose run of key tiles crosses into a next item
+        ws_o = torch.empty(2 * grid[0] * cfg.block_m * dv, device=q.device, dtype=torch.float32)
+        ws_lse = torch.empty(2 * grid[0] * cfg.block_m, device=q.device, dtype=torch.float32)
     group = nheads // nheads_k
     # Causal: query heads per longest-first section, their K and V (a kv head's shared by ``group`` of them) in
     # cfg.l2_mb.
@@ -714,9 +787,18 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
         _attn_fwd_gluon_kernel, grid,
         _desc(q, HALF_M), _desc(k, cfg.block_n), _desc(v, cfg.block_n),
         _desc(out, HALF_M, min(dv, O_COLS)), out, lse, counter, out.stride(1), lse.stride(0), lse.stride(1),
-        batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_N=cfg.block_n,
+        batch, nheads, seqlen_q, seqlen_k, group, section, qk_scale, tail0, ws_o, ws_lse, HEAD_DIM=d, HEAD_DIM_V=dv,
+        BLOCK_N=cfg.block_n,
         STAGES=cfg.stages, CAUSAL=causal, DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong,
         OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma, WGS=cfg.consumers, P16=cfg.carries_p16,
-        LOADER_REGS=LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs, num_warps=4,
+        LOADER_REGS=LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs, TAIL=tail0 < tiles, num_warps=4,
     )
+    if tail0 < tiles:
+        attn_tail_combine(ws_o, ws_lse, out, lse, tail0=tail0, n_items=tiles, n_tiles=n_tiles, nprog=grid[0],
+                          block_m=cfg.block_m)
 
+
+def split_tail_start(cfg, causal, items, programs, n_tiles):
+    """The first work item of the forward's split tail, or ``items`` for none (``bwd_gluon.split_tail_start``):
+    with ``cfg.split_tail``, non-causal (items of equal length), ``n_tiles`` key tiles an item."""
+    return tail_start(cfg.split_tail and not causal, items, programs, n_tiles)
