@@ -71,7 +71,8 @@ def _knobs(name):
     length, ``-early0`` / ``-early1`` (the tile's dQ GEMM after / before dK), ``-lN`` (L2 sections of N MiB,
     0: none), ``-p0`` / ``-p1`` (one program per work item / persistent where it applies), ``-dyn0`` / ``-dyn1`` (the
     same for causal calls, persistent in a dynamic order; ``-dmaxN``: up to head dim N), ``-tail0`` / ``-tail1``
-    (the persistent schedule's last wave whole / split over every program), ``-sN`` (Q/dO ring
+    (the persistent schedule's last wave whole / split over every program), ``-pmaxN`` (persistent non-causal
+    calls up to head dim N), ``-sN`` (Q/dO ring
     stages at D = 64), ``-mN`` (query rows a tile at D = 64);
     ``hopper-lN``: the deterministic Hopper dK/dV kernel's L2 sections."""
     module = bwd_gluon if name.startswith("gluon") else bwd_hopper
@@ -89,6 +90,8 @@ def _knobs(name):
             knobs["DYNAMIC"] = part == "dyn1"
         elif part.startswith("s"):  # Q/dO ring stages at D = 64 (64-row tiles)
             knobs["STAGES_64"] = int(part[1:])
+        elif part.startswith("pmax"):  # the largest head dim whose non-causal calls are persistent
+            knobs["PERSISTENT_MAX_D"] = int(part[4:])
         elif part.startswith("dmax"):  # the largest head dim whose causal calls take the dynamic order
             knobs["DYNAMIC_MAX_D"] = int(part[4:])
         elif part.startswith("m"):  # query rows a tile at D = 64

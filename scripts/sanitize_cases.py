@@ -7,6 +7,7 @@ the combine kernel, pack_gqa, and the KV-cache append with rotary. Each is check
 attention_ref.
 """
 
+import dataclasses
 import os
 
 import torch
@@ -88,17 +89,19 @@ def gluon_fwd_cases(dtype):
 
 def gluon_tail_cases(dtype):
     """The split tails (one program per SM, the launcher's thresholds lowered to one tile): the Gluon forward's at
-    D = 128 and D = 256 (144 items, the last wave's 12 cut by keys into runs of one or two key tiles over every
-    program, the pieces written to the workspace and merged after the kernel), then the Gluon backward's at D = 128
-    (144 key blocks, the last 12 cut into runs of two or three (query head, tile) pairs, the pieces' dK and dV
-    summed after the kernel)."""
+    D = 128 and D = 256 (forced on there; 144 items, the last wave's 12 cut by keys into runs of one or two key
+    tiles over every program, the pieces written to the workspace and merged after the kernel), then the Gluon
+    backward's at D = 128 (144 key blocks, the last 12 cut into runs of two or three (query head, tile) pairs, the
+    pieces' dK and dV summed after the kernel)."""
     from triflash.kernels import bwd_gluon, fwd_gluon
 
     env = {name: os.environ.get(name) for name in ("TRIFLASH_GLUON_FWD", "TRIFLASH_GLUON_BWD")}
     os.environ.update(TRIFLASH_GLUON_FWD="1", TRIFLASH_GLUON_BWD="1")
-    saved = bwd_gluon.TAIL_MIN_TILES, bwd_gluon.TAIL_MIN_SAVED
-    bwd_gluon.TAIL_MIN_TILES = bwd_gluon.TAIL_MIN_SAVED = 1
+    saved = bwd_gluon.TAIL_MIN_TILES, bwd_gluon.TAIL_MIN_SAVED, fwd_gluon.TAIL_MIN_TILES_FWD
+    bwd_gluon.TAIL_MIN_TILES = bwd_gluon.TAIL_MIN_SAVED = fwd_gluon.TAIL_MIN_TILES_FWD = 1
     fwd_cases = [(2048, 2048, 9, 3, 128), (2048, 1024, 9, 3, 256)]
+    configs = dict(fwd_gluon._CONFIGS)
+    fwd_gluon._CONFIGS[(256, False)] = dataclasses.replace(configs[(256, False)], split_tail=True)  # off by default
     try:
         for sq, sk, h, hk, d in fwd_cases:  # each splits its tail on the device (its SMs), not a fallback
             q, k = (torch.empty(1, s, n, d, device=DEV, dtype=dtype) for s, n in ((sq, h), (sk, hk)))
@@ -114,7 +117,8 @@ def gluon_tail_cases(dtype):
         errs.append(dense(dtype, 1024, 2048, 18, 9, 128, 128))
         return errs
     finally:
-        bwd_gluon.TAIL_MIN_TILES, bwd_gluon.TAIL_MIN_SAVED = saved
+        bwd_gluon.TAIL_MIN_TILES, bwd_gluon.TAIL_MIN_SAVED, fwd_gluon.TAIL_MIN_TILES_FWD = saved
+        fwd_gluon._CONFIGS.update(configs)
         for name, value in env.items():
             if value is None:
                 del os.environ[name]

@@ -133,6 +133,9 @@ CASES_TAIL = {
     "d64-gqa-four-items-over-6": ((2, 512, 1024, 2, 1, 64), 6),
     # 144 items, 12 left for the last wave on 132 SMs (runs of 8 pairs there).
     "d128-gqa-sm-count": ((1, 2816, 2048, 18, 9, 128), None),
+    # D = 256 made persistent (PERSISTENT_MAX_D): 28 items of 64 keys, 25 whole, three items' 24 pairs over 5
+    # programs (runs of 4-5, crossing).
+    "d256-gqa-persistent-three-items-over-5": ((2, 256, 448, 4, 2, 256), 5),
 }
 
 
@@ -141,11 +144,13 @@ CASES_TAIL = {
 @pytest.mark.parametrize("case", list(CASES_TAIL))
 def test_gluon_bwd_split_tail_gpu(case, dtype, device, monkeypatch):
     """The backward's split tail through the public API: gradients (with an LSE gradient) against the reference,
-    outputs poisoned, every key block compared (the whole items, the summed pieces, dQ from both)."""
+    outputs poisoned, every key block compared (the whole items, the summed pieces, dQ from both); D = 256 with
+    its non-causal calls made persistent (PERSISTENT_MAX_D), which the split needs."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon backward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_BWD", "1")
     shape, programs = CASES_TAIL[case]
+    monkeypatch.setattr(bwd_gluon, "PERSISTENT_MAX_D", max(bwd_gluon.PERSISTENT_MAX_D, shape[-1]))
     if programs is not None:
         monkeypatch.setattr(bwd_gluon, "sm_count", lambda device: programs)
         monkeypatch.setattr(bwd_gluon, "TAIL_MIN_TILES", 1)

@@ -132,9 +132,8 @@ def test_gluon_fwd_long_config_gpu(dtype, device, monkeypatch):
     check_against_ref(fn, dict(q=q, k=k, v=v), {}, ref_fp64=False)
 
 
-# The split tail (split_tail: the D = 128 and D = 256 non-causal configs): (B, S_q, S_k, H, H_k, D) and the programs
-# (None: one per SM, the launcher's thresholds; else the thresholds at one key tile). 128-row items of 128 keys (64
-# at D = 256).
+# The split tail (split_tail: the D = 128 non-causal config's; forced on at D = 256): (B, S_q, S_k, H, H_k, D) and
+# the programs (None: one per SM); the thresholds at one key tile. 128-row items of 128 keys (64 at D = 256).
 CASES_TAIL = {
     # 16 items: 15 whole, the last one's 9 key tiles over 5 programs (runs of 1-2).
     "d128-gqa-one-item-over-5": ((2, 256, 1152, 4, 2, 128), 5),
@@ -160,13 +159,15 @@ def test_gluon_fwd_split_tail_gpu(case, dtype, overlap, device, monkeypatch):
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
     shape, programs = CASES_TAIL[case]
     d = shape[-1]
+    monkeypatch.setitem(fwd_gluon._CONFIGS, (d, False), dataclasses.replace(fwd_gluon._CONFIGS[(d, False)],
+                                                                          split_tail=True))
     if not overlap:
         monkeypatch.setitem(fwd_gluon._CONFIGS, (d, False), dataclasses.replace(
             fwd_gluon._CONFIGS[(d, False)], overlap=False, q_buffers=1))
     if programs is not None:
         monkeypatch.setattr(fwd_gluon, "sm_count", lambda device: programs)
-        monkeypatch.setattr(bwd_gluon, "TAIL_MIN_TILES", 1)
-        monkeypatch.setattr(bwd_gluon, "TAIL_MIN_SAVED", 1)
+    monkeypatch.setattr(fwd_gluon, "TAIL_MIN_TILES_FWD", 1)
+    monkeypatch.setattr(bwd_gluon, "TAIL_MIN_SAVED", 1)
     q, k, v = _inputs(shape, dtype, device)
     cfg = fwd_gluon.gluon_fwd_config(d, False, shape[1])
     items = shape[0] * shape[3] * shape[1] // cfg.block_m
@@ -262,7 +263,8 @@ def test_gluon_fwd_gpu(case, dtype, schedule, device, monkeypatch):
     elif schedule != "table":
         flip_order = schedule == "persistent-order-flipped"  # else flip ping-pong
         flipped = {key: dataclasses.replace(cfg, persistent=True, dynamic=cfg.dynamic != flip_order,
-                                            pingpong=cfg.pingpong if flip_order else not cfg.pingpong)
+                                            pingpong=cfg.pingpong if flip_order else not cfg.pingpong,
+                                            split_tail=cfg.split_tail and cfg.dynamic == flip_order)
                    for key, cfg in fwd_gluon._CONFIGS.items()}
     if schedule != "table":
         monkeypatch.setattr(fwd_gluon, "_CONFIGS", flipped)

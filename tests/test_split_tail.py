@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from triflash.kernels import fwd_gluon
+from triflash.kernels import bwd_gluon, fwd_gluon
 from triflash.kernels.combine import attn_tail_combine, attn_tail_sum
 
 CFG = fwd_gluon.GluonFwdConfig(128, 2, persistent=True, split_tail=True)
@@ -41,20 +41,22 @@ def _program_pieces(p, tail0, n_items, n_tiles, programs):
 
 
 def test_split_tail_start():
-    """Split where the last wave is partial, each program's run at least TAIL_MIN_TILES key tiles and the saving
-    TAIL_MIN_SAVED key-tile times; never causal, with a whole last wave, fewer items than programs, or without
-    ``split_tail``."""
-    start = fwd_gluon.split_tail_start
-    assert start(CFG, False, 2048, 132, 128) == 1980  # D = 128, 16k tokens at 16k: 68 items left for 132 SMs
-    assert start(CFG, False, 2048, 132, 16) == 1980  # 2k: runs of 8 key tiles
-    assert start(CFG, False, 2048, 132, 8) == 2048  # 1k: runs of 4
-    assert start(CFG, True, 2048, 132, 128) == 2048
-    assert start(dataclasses.replace(CFG, split_tail=False), False, 2048, 132, 128) == 2048
-    assert start(CFG, False, 132 * 15, 132, 128) == 132 * 15 and start(CFG, False, 100, 132, 128) == 100
-    assert start(CFG, False, 132 * 15 + 128, 132, 128) == 132 * 15 + 128  # saves under four key-tile times
-    assert start(CFG, False, 132 * 15 + 120, 132, 128) == 132 * 15  # saves 11
-    assert fwd_gluon.gluon_fwd_config(128, False).split_tail and fwd_gluon.gluon_fwd_config(256, False).split_tail
-    assert not any(cfg.split_tail for (d, causal), cfg in fwd_gluon._CONFIGS.items() if causal)
+    """Split where the last wave is partial, each program's run at least the minimum (the backward's
+    TAIL_MIN_TILES, the forward's TAIL_MIN_TILES_FWD) and the saving TAIL_MIN_SAVED tile-times; never causal,
+    with a whole last wave, fewer items than programs, or without ``split_tail``."""
+    start = bwd_gluon.split_tail_start
+    assert start(True, 2048, 132, 16) == 1980  # D = 128, 16k tokens at 1k: 68 items left for 132 SMs, runs of 8
+    assert start(True, 2048, 132, 8) == 2048 and start(False, 2048, 132, 16) == 2048  # runs of 4; no split asked
+    assert start(True, 132 * 15, 132, 128) == 132 * 15 and start(True, 100, 132, 128) == 100
+    assert start(True, 132 * 15 + 128, 132, 128) == 132 * 15 + 128  # saves under four tile-times
+    assert start(True, 132 * 15 + 120, 132, 128) == 132 * 15  # saves 11
+    fwd = fwd_gluon.split_tail_start
+    assert fwd(CFG, False, 2048, 132, 128) == 1980  # D = 128 at 16k: runs of 66 key tiles
+    assert fwd(CFG, False, 2048, 132, 64) == 2048  # 8k: runs of 33
+    assert fwd(CFG, True, 2048, 132, 128) == 2048
+    assert fwd(dataclasses.replace(CFG, split_tail=False), False, 2048, 132, 128) == 2048
+    assert fwd_gluon.gluon_fwd_config(128, False).split_tail
+    assert not any(cfg.split_tail for (d, causal), cfg in fwd_gluon._CONFIGS.items() if causal or d != 128)
     with pytest.raises(ValueError, match="split_tail"):
         fwd_gluon.GluonFwdConfig(128, 2, split_tail=True)  # one program per item
     with pytest.raises(ValueError, match="split_tail"):

@@ -30,7 +30,9 @@ last ones are computed, and its K and V once dK and dV have left through K's and
 schedule); causal, each program takes the
 next item no program has taken (an atomic counter; in a fixed stride the programs drift apart over items of
 unequal length and leave the L2 sections), the producer handing it to the other partitions through shared
-memory.
+memory. On the persistent non-causal schedule the last wave's items, fewer than the programs, are cut into one run
+of (query head, tile) pairs per program (``SPLIT_TAIL``, ``_tail_piece``), each piece's dK and dV (fp32) into a
+workspace, summed after the kernel (``combine.attn_tail_sum``).
 Gluon does not run under the interpreter: the CPU tests compile it for sm_90 (``tests/sm90_compile.py``),
 the GPU tests run it.
 """
@@ -89,6 +91,7 @@ DQ_EARLY = True
 # leave the L2 sections); in the dynamic order, two runs of 1k / 2k / 4k: D=64 0.98 / 0.97 / 0.98 -> 1.03 / 1.00 /
 # 0.99 and 0.85 / 0.96 / 0.99 -> 0.83 / 1.00 / 1.04; D=128 0.94 / 0.97 / 1.01 -> 0.95 / 0.95 / 1.00 (not taken).
 PERSISTENT = True
+PERSISTENT_MAX_D = 128  # the largest head dim whose non-causal calls are persistent (D = 256's producer spills)
 # Persistent non-causal calls (SCHEDULE 1): the last wave's items, fewer than the programs, split by (query head,
 # tile) runs over every program, the pieces' dK and dV summed after the kernel (split_tail_start, _tail_piece).
 SPLIT_TAIL = True
@@ -518,9 +521,10 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse
             # with one stage, and the compiler keeps them all across both loops.
             row_base = lo + off - n_start  # first_row of the item's first tile
             n_masked_all = group_size * n_masked
-            for j in range(group_size * tiles):
-                masked = j < n_masked_all
-                jj = j if masked else j - n_masked_all
+            for j in range(count):
+                jf = j + first if TAIL else j  # TAIL: a piece's run of the item's tiles
+                masked = jf < n_masked_all
+                jj = jf if masked else jf - n_masked_all
                 per = n_masked if masked else n_free
                 g = jj // per
                 first_row = row_base + (jj - g * per) * BLOCK_M if masked else BLOCK_N
@@ -734,12 +738,12 @@ def gluon_bwd_tiles(d):
 
 
 def gluon_bwd_schedule(d, causal):
-    """The Gluon backward's ``SCHEDULE`` at head dim ``d``: 1 (persistent) for non-causal calls at D <= 128 with
-    ``PERSISTENT``, 2 (persistent, dynamic order) for causal ones at D = 64 with ``DYNAMIC``, else 0 (a program
-    per item)."""
+    """The Gluon backward's ``SCHEDULE`` at head dim ``d``: 1 (persistent) for non-causal calls up to
+    ``PERSISTENT_MAX_D`` with ``PERSISTENT``, 2 (persistent, dynamic order) for causal ones at D = 64 with
+    ``DYNAMIC``, else 0 (a program per item)."""
     if causal:
         return 2 if DYNAMIC and d <= DYNAMIC_MAX_D else 0
-    return 1 if PERSISTENT and d <= 128 else 0
+    return 1 if PERSISTENT and d <= PERSISTENT_MAX_D else 0
 
 
 def gluon_shapes_ok(q, k, v, dk, dv, do, lse, *, varlen, causal, window) -> bool:
@@ -819,17 +823,19 @@ TAIL_MIN_TILES = 8
 TAIL_MIN_SAVED = 4
 
 
-def split_tail_start(split, items, programs, n_tiles):
+def split_tail_start(split, items, programs, n_tiles, min_tiles=None):
     """The first work item of a split tail (``_tail_piece``), or ``items`` for none: with ``split`` (items of equal
     length, one program per SM walking every ``programs``-th), ``items`` not a multiple of the ``programs``, the
     last wave's ``rest`` items are split by tiles (``n_tiles`` an item) over every program where each program's
-    run is at least ``TAIL_MIN_TILES`` tiles and the split saves ``TAIL_MIN_SAVED`` tile-times (the last wave's
+    run is at least ``min_tiles`` (default ``TAIL_MIN_TILES``) tiles and the split saves ``TAIL_MIN_SAVED``
+    tile-times (the last wave's
     ``n_tiles`` against ``rest * n_tiles / programs``). Without it the last wave runs ``rest`` whole items while
     the other programs idle: at 2048 items on 132 SMs (D = 128, 16k tokens, any length, forward and backward) that
     is 16 item-times for 15.5 items' work."""
     rest = items % programs if items > programs else 0
     if not split or rest == 0:
         return items
-    if rest * n_tiles // programs < TAIL_MIN_TILES or (programs - rest) * n_tiles // programs < TAIL_MIN_SAVED:
+    min_tiles = TAIL_MIN_TILES if min_tiles is None else min_tiles
+    if rest * n_tiles // programs < min_tiles or (programs - rest) * n_tiles // programs < TAIL_MIN_SAVED:
         return items
     return items - rest

@@ -19,6 +19,9 @@ consumers through shared memory. Three partitions:
   (P carried between key tiles in 16 bits, ``p16``), 192-row items ending at the last query row, so that
   ``S_q`` need only be a multiple of 64; the top warpgroups of a ragged first item only release its buffers.
   The launcher's config at D = 64 non-causal from 4k query rows (``_LONG_CONFIGS``; docs/performance.md).
+- ``split_tail`` (D = 128 non-causal, runs of ``TAIL_MIN_TILES_FWD`` key tiles and more): the last wave's items,
+  fewer than the programs, cut by keys into one run per program (``bwd_gluon._tail_piece``), each piece's O (fp32,
+  over its keys) and LSE into a workspace, merged after the kernel (``combine.attn_tail_combine``).
 
 The epilogue normalises O (one reciprocal per row) and writes it through a shared-memory buffer per warpgroup by
 TMA stores left in flight (``o_tma``; at D = 256 the buffer holds half the columns, two stores), and the
@@ -173,7 +176,7 @@ _CONFIGS = {
     (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
     (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True, q_buffers=2, p16=True, split_tail=True),
     (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True, p16=True),
-    (256, False): GluonFwdConfig(64, 2, persistent=True, split_tail=True),
+    (256, False): GluonFwdConfig(64, 2, persistent=True),
     (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True),
 }
 
@@ -798,7 +801,16 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
                           block_m=cfg.block_m)
 
 
+# The forward's split tail: the shortest run of key tiles a program may get (bwd_gluon.TAIL_MIN_TILES: the
+# backward's). H200, 2026-12-07, scripts/hopper_fwd_variants.py, tail on -> off, TFLOP/s
+# (three rounds, median): D=128 2k 601 -> 616 (runs of 8 key tiles), 4k 617 -> 627 (16), 16k 637 -> 625 (66);
+# D=256 2k 617 -> 650, 4k 649 -> 663, 16k 664 -> 668: each piece's first and last GEMMs alone and its fp32 O
+# cost more than the idle half-wave saves until the runs are long.
+TAIL_MIN_TILES_FWD = 48
+
+
 def split_tail_start(cfg, causal, items, programs, n_tiles):
     """The first work item of the forward's split tail, or ``items`` for none (``bwd_gluon.split_tail_start``):
-    with ``cfg.split_tail``, non-causal (items of equal length), ``n_tiles`` key tiles an item."""
-    return tail_start(cfg.split_tail and not causal, items, programs, n_tiles)
+    with ``cfg.split_tail``, non-causal (items of equal length), ``n_tiles`` key tiles an item, runs of at least
+    ``TAIL_MIN_TILES_FWD`` key tiles."""
+    return tail_start(cfg.split_tail and not causal, items, programs, n_tiles, TAIL_MIN_TILES_FWD)
