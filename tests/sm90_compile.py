@@ -170,7 +170,7 @@ def compile_bwd_gluon(head_dim, causal, tail=None):
                      dk_desc=_desc_type(n, head_dim), dv_desc=_desc_type(n, head_dim),
                      dq_desc=_desc_type(m, head_dim, gl.float32))  # dQ: the fp32 accumulator
     cfg = AttnBwdConfig(m, n, bwd_gluon.NUM_WARPS, stages)
-    return _build_report(kernel, sig, consts, cfg, head_dim, causal, GluonASTSource)
+    return _build_report(kernel, sig, consts, cfg, head_dim, causal, GluonASTSource) | dict(tail=consts["TAIL"])
 
 
 def compile_fwd_gluon(head_dim, causal, cfg=None):
@@ -188,7 +188,7 @@ def compile_fwd_gluon(head_dim, causal, cfg=None):
                      v_desc=_desc_type(cfg.block_n, head_dim))
     launch = AttnBwdConfig(cfg.block_m, cfg.block_n, 4, cfg.stages)
     return _build_report(kernel, sig, consts, launch, head_dim, causal, GluonASTSource) | dict(
-        consumers=cfg.consumers)
+        consumers=cfg.consumers, tail=consts["TAIL"])
 
 
 def _desc_type(rows, cols, dtype=gl.bfloat16):
@@ -199,13 +199,20 @@ def _desc_type(rows, cols, dtype=gl.bfloat16):
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["fwd_gluon"]:
-        # The six table configs, then D = 64 with the other number of consumer warpgroups (2 <-> 3).
+        # The six table configs, then D = 64 with the other number of consumer warpgroups (2 <-> 3), then the
+        # configs with a split tail built without it (the build for the calls that do not split).
         other = [(causal, fwd_gluon.gluon_fwd_config(64, causal)) for causal in (False, True)]
+        whole = [(d, cfg) for (d, causal), cfg in fwd_gluon._CONFIGS.items() if cfg.split_tail and not causal]
         json.dump([compile_fwd_gluon(d, causal) for d in (64, 128, 256) for causal in (False, True)]
-                  + [compile_fwd_gluon(64, causal, cfg.with_consumers(5 - cfg.consumers)) for causal, cfg in other],
+                  + [compile_fwd_gluon(64, causal, cfg.with_consumers(5 - cfg.consumers)) for causal, cfg in other]
+                  + [compile_fwd_gluon(d, False, dataclasses.replace(cfg, split_tail=False)) for d, cfg in whole],
                   sys.stdout)
     elif sys.argv[1:] == ["bwd_gluon"]:
-        json.dump([compile_bwd_gluon(d, causal) for d in (64, 128, 256) for causal in (False, True)], sys.stdout)
+        # Each head dim and causal as launched (non-causal at D <= 128 with the split tail's code), then the
+        # non-causal builds without it (the calls that do not split).
+        json.dump([compile_bwd_gluon(d, causal) for d in (64, 128, 256) for causal in (False, True)]
+                  + [compile_bwd_gluon(d, False, tail=False) for d in (64, 128)
+                     if bwd_gluon.gluon_bwd_schedule(d, False) == 1], sys.stdout)
     elif sys.argv[1:] == ["bwd_hopper"]:
         json.dump([compile_bwd_hopper_config(bound, rows[causal], causal) for bound, rows in _BWD_HOPPER_TABLE
                    for causal in (False, True)], sys.stdout)

@@ -69,9 +69,11 @@ def test_gluon_bwd_shapes(monkeypatch):
 def test_compile_sm90_gluon_bwd():
     """Build the Gluon backward for sm_90 on the CPU: wgmma, TMA loads, register split between the producer
     and compute warps (setmaxnreg), dQ added by TMA reduce-add, dK and dV written by TMA stores, shared memory
-    within an H100's 227 KiB, no spills in the tile loops."""
+    within an H100's 227 KiB, no spills in the tile loops; the persistent non-causal builds (D <= 128) both with the
+    split tail's code and without it."""
     reports = sm90_reports("bwd_gluon")
-    assert len(reports) == 6
+    assert len(reports) == 8 and [(r["head_dim"], r["tail"]) for r in reports if not r["causal"]] == [
+        (64, True), (128, True), (256, False), (64, False), (128, False)]
     for r in reports:
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
         assert r["tma_reduce"] and r["tma_store"], r

@@ -71,9 +71,12 @@ def test_compile_sm90_gluon_fwd():
     """Build the Gluon forward for sm_90 on the CPU (the six table configs, and D = 64 with the other number of
     consumer warpgroups): wgmma, TMA loads and stores, register split between the producer and the consumer
     warpgroups (setmaxnreg), shared memory within an H100's 227 KiB, no spills in the loops (one per consumer
-    warpgroup); three consumer warpgroups (160 registers each but the first's 168) spill nothing at all."""
+    warpgroup); three consumer warpgroups (160 registers each but the first's 168) spill nothing at all. D = 128
+    non-causal both with the split tail's code (the table's) and without it (the calls that do not split)."""
     reports = sm90_reports("fwd_gluon")
-    assert len(reports) == 8 and sorted(r["consumers"] for r in reports[-2:] + reports[:2]) == [2, 2, 3, 3]
+    assert len(reports) == 9 and sorted(r["consumers"] for r in reports[6:8] + reports[:2]) == [2, 2, 3, 3]
+    assert [(r["head_dim"], r["tail"]) for r in reports if r["tail"] or r["head_dim"] == 128 and not r["causal"]] == [
+        (128, True), (128, False)]
     for r in reports:
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
         assert r["smem"] <= 232448 and r["hot_loops"] == r["consumers"] and r["loop_spills"] == 0, r
