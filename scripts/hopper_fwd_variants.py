@@ -67,10 +67,11 @@ def _gluon_cfg(name, d, causal, s):
     for part in name.split("-")[1:]:
         if part in ("pp", "nopp"):
             cfg = dataclasses.replace(cfg, pingpong=part == "pp")
-        elif part in ("ps", "nops"):  # one program per item has no dynamic order
-            cfg = dataclasses.replace(cfg, persistent=part == "ps", dynamic=cfg.dynamic and part == "ps")
-        elif part in ("dyn", "nodyn"):
-            cfg = dataclasses.replace(cfg, dynamic=part == "dyn")
+        elif part in ("ps", "nops"):  # one program per item has no dynamic order and no split tail
+            cfg = dataclasses.replace(cfg, persistent=part == "ps", dynamic=cfg.dynamic and part == "ps",
+                                      split_tail=cfg.split_tail and part == "ps")
+        elif part in ("dyn", "nodyn"):  # the dynamic order has no split tail
+            cfg = dataclasses.replace(cfg, dynamic=part == "dyn", split_tail=cfg.split_tail and part != "dyn")
         elif part in ("ov", "noov"):
             cfg = dataclasses.replace(cfg, overlap=part == "ov", q_buffers=2 if part == "ov" else cfg.q_buffers)
         elif part in ("q1", "q2"):
