@@ -595,17 +595,18 @@ def _bwd_write_piece(dk, dv, ws, part):
     """A split-tail piece's dK (scaled) and dV over its run of tiles, fp32, into slot ``part`` of the workspace
     ``ws = (dk, dv)`` (``attn_bwd_gluon`` sums each item's pieces after the kernel)."""
     ws_dk, ws_dv = ws
-    BLOCK_N: gl.constexpr = dk.shape[0]
-    HEAD_DIM: gl.constexpr = dk.shape[1]
-    HEAD_DIM_V: gl.constexpr = dv.shape[1]
-    k_layout: gl.constexpr = dk.type.layout
-    v_layout: gl.constexpr = dv.type.layout
-    rows = (part * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, k_layout))).to(gl.int64)
-    gl.store(ws_dk + (rows * HEAD_DIM)[:, None] + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, k_layout))[None, :],
-             dk)
-    rows = (part * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, v_layout))).to(gl.int64)
-    gl.store(ws_dv + (rows * HEAD_DIM_V)[:, None] + gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, v_layout))[
-        None, :], dv)
+    _store_rows(ws_dk, part * dk.shape[0], dk)
+    _store_rows(ws_dv, part * dv.shape[0], dv)
+
+
+@gluon.jit
+def _store_rows(base, row0, x):
+    """``x`` (rows x cols, any layout) into rows ``row0`` on of the row-major workspace ``base`` of ``cols``
+    columns, from registers (the split tails' pieces, forward and backward)."""
+    layout: gl.constexpr = x.type.layout
+    COLS: gl.constexpr = x.shape[1]
+    rows = (row0 + gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))).to(gl.int64)
+    gl.store(base + (rows * COLS)[:, None] + gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))[None, :], x)
 
 
 @gluon.jit

@@ -47,7 +47,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ..configs import sm_count
-from .bwd_gluon import ID_SLOTS, _desc, _next_item, _sectioned, _skip_empty, _tail_piece, _take_item, gluon_switch
+from .bwd_gluon import (
+    ID_SLOTS,
+    _desc,
+    _next_item,
+    _sectioned,
+    _skip_empty,
+    _store_rows,
+    _tail_piece,
+    _take_item,
+    gluon_switch,
+)
 from .bwd_gluon import split_tail_start as tail_start
 from .combine import attn_tail_combine
 from .fwd import fwd_softmax_args
@@ -435,14 +445,9 @@ def _write_piece(acc, m_i, l_i, ws, ws_row, s_layout: gl.constexpr):
     """A split-tail piece's O over its keys (normalised by its own sum, fp32) and LSE (natural log) into rows
     ``ws_row`` on of the workspace ``ws = (o, lse)`` (``attn_fwd_gluon`` merges the pieces after the kernel)."""
     ws_o, ws_lse = ws
-    HALF: gl.constexpr = acc.shape[0]
-    HEAD_DIM_V: gl.constexpr = acc.shape[1]
     o_layout: gl.constexpr = acc.type.layout
-    o = acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
-    rows = (ws_row + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))).to(gl.int64)
-    cols = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, o_layout))
-    gl.store(ws_o + (rows * HEAD_DIM_V)[:, None] + cols[None, :], o)
-    gl.store(ws_lse + ws_row + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout)),
+    _store_rows(ws_o, ws_row, acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None])
+    gl.store(ws_lse + ws_row + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, s_layout)),
              (m_i + gl.log2(l_i)) * 0.6931471805599453)
 
 
