@@ -181,14 +181,15 @@ def compile_fwd_gluon(head_dim, causal, cfg=None):
                   DYNAMIC=cfg.dynamic, PINGPONG=cfg.pingpong, OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma,
                   WGS=cfg.consumers, P16=cfg.carries_p16, ID_SLOTS=fwd_gluon.ID_SLOTS,
                   LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs,
-                  TAIL=cfg.split_tail and not causal)
+                  TAIL=cfg.split_tail and not causal,
+                  RESCALE_T=fwd_gluon.RESCALE_THRESHOLD if cfg.lazy_rescale else 0.0)
     half = fwd_gluon.HALF_M
     sig = _signature(kernel, consts, counter="*i32", ws_o="*fp32", ws_lse="*fp32", q_desc=_desc_type(half, head_dim),
                      o_desc=_desc_type(half, min(head_dim, fwd_gluon.O_COLS)), k_desc=_desc_type(cfg.block_n, head_dim),
                      v_desc=_desc_type(cfg.block_n, head_dim))
     launch = AttnBwdConfig(cfg.block_m, cfg.block_n, 4, cfg.stages)
     return _build_report(kernel, sig, consts, launch, head_dim, causal, GluonASTSource) | dict(
-        consumers=cfg.consumers, tail=consts["TAIL"])
+        consumers=cfg.consumers, tail=consts["TAIL"], lazy=cfg.lazy_rescale)
 
 
 def _desc_type(rows, cols, dtype=gl.bfloat16):
@@ -200,13 +201,15 @@ def _desc_type(rows, cols, dtype=gl.bfloat16):
 if __name__ == "__main__":
     if sys.argv[1:] == ["fwd_gluon"]:
         # The six table configs, then D = 64 with the other number of consumer warpgroups (2 <-> 3), then the
-        # configs with a split tail built without it (the build for the calls that do not split).
+        # configs with a split tail built without it (the build for the calls that do not split), then the long
+        # configs other than D = 64's three warpgroups (D = 128 non-causal from 16k: lazy rescaling).
         other = [(causal, fwd_gluon.gluon_fwd_config(64, causal)) for causal in (False, True)]
         whole = [(d, cfg) for (d, causal), cfg in fwd_gluon._CONFIGS.items() if cfg.split_tail and not causal]
+        long = [(d, causal, cfg) for (d, causal), (_, cfg) in fwd_gluon._LONG_CONFIGS.items() if d != 64]
         json.dump([compile_fwd_gluon(d, causal) for d in (64, 128, 256) for causal in (False, True)]
                   + [compile_fwd_gluon(64, causal, cfg.with_consumers(5 - cfg.consumers)) for causal, cfg in other]
-                  + [compile_fwd_gluon(d, False, dataclasses.replace(cfg, split_tail=False)) for d, cfg in whole],
-                  sys.stdout)
+                  + [compile_fwd_gluon(d, False, dataclasses.replace(cfg, split_tail=False)) for d, cfg in whole]
+                  + [compile_fwd_gluon(d, causal, cfg) for d, causal, cfg in long], sys.stdout)
     elif sys.argv[1:] == ["bwd_gluon"]:
         # Each head dim and causal as launched (non-causal at D <= 128 with the split tail's code), then the
         # non-causal builds without it (the calls that do not split).

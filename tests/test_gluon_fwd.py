@@ -72,11 +72,12 @@ def test_compile_sm90_gluon_fwd():
     consumer warpgroups): wgmma, TMA loads and stores, register split between the producer and the consumer
     warpgroups (setmaxnreg), shared memory within an H100's 227 KiB, no spills in the loops (one per consumer
     warpgroup); three consumer warpgroups (160 registers each but the first's 168) spill nothing at all. D = 128
-    non-causal both with the split tail's code (the table's) and without it (the calls that do not split)."""
+    non-causal both with the split tail's code (the table's) and without it (the calls that do not split), and
+    with lazy rescaling (its config from 16k query rows); D = 256 non-causal with lazy rescaling (the table's)."""
     reports = sm90_reports("fwd_gluon")
-    assert len(reports) == 9 and sorted(r["consumers"] for r in reports[6:8] + reports[:2]) == [2, 2, 3, 3]
-    assert [(r["head_dim"], r["tail"]) for r in reports if r["tail"] or r["head_dim"] == 128 and not r["causal"]] == [
-        (128, True), (128, False)]
+    assert len(reports) == 10 and sorted(r["consumers"] for r in reports[6:8] + reports[:2]) == [2, 2, 3, 3]
+    assert [(r["head_dim"], r["tail"], r["lazy"]) for r in reports if r["tail"] or r["lazy"] or r["head_dim"] == 128
+            and not r["causal"]] == [(128, True, False), (256, False, True), (128, False, False), (128, True, True)]
     for r in reports:
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
         assert r["smem"] <= 232448 and r["hot_loops"] == r["consumers"] and r["loop_spills"] == 0, r
@@ -106,11 +107,17 @@ def test_gluon_fwd_three_warpgroups_shapes(monkeypatch):
 
 def test_gluon_fwd_long_config():
     """From 4k query rows the launcher takes three consumer warpgroups at D = 64 non-causal (``_LONG_CONFIGS``),
-    so there S_q need only be a multiple of 64; everywhere else the table's two."""
+    so there S_q need only be a multiple of 64; everywhere else the table's two. Lazy rescaling where it measured
+    faster."""
     pick = fwd_gluon.gluon_fwd_config
     assert pick(64, False, 4096).consumers == 3 and pick(64, False, 16384).block_m == 192
     assert pick(64, False, 4032) == pick(64, False) == fwd_gluon._CONFIGS[(64, False)]
     assert pick(64, False).consumers == pick(64, True, 16384).consumers == pick(128, False, 16384).consumers == 2
+    # Lazy rescaling: D = 256 non-causal everywhere, D = 128 non-causal from 16k query rows, nowhere else.
+    assert pick(256, False).lazy_rescale and pick(128, False, 16384).lazy_rescale
+    assert not any(pick(d, causal, s).lazy_rescale for d in (64, 128, 256) for causal in (False, True)
+                   for s in (1024, 8192) if (d, causal) != (256, False))
+    assert not pick(256, True, 16384).lazy_rescale and not pick(128, True, 16384).lazy_rescale
     assert _shapes_ok(*_inputs((1, 4160, 4224, 2, 1, 64), torch.bfloat16, "cpu"))
     assert not _shapes_ok(*_inputs((1, 4160, 4224, 2, 1, 64), torch.bfloat16, "cpu"), causal=True)
 
@@ -226,6 +233,46 @@ def test_gluon_fwd_three_warpgroups_gpu(case, dtype, schedule, device, monkeypat
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=device)
     assert fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, varlen=False, causal=causal, window=False, softcap=0.0,
                                         sink=None)
+
+    def fn(q, k, v):
+        return flash_attn_func(q, k, v, return_lse=True, **spec)
+
+    check_against_ref(fn, dict(q=q, k=k, v=v), spec, ref_fp64=False)
+
+
+def _ramp_keys(k, growth):
+    """``k`` scaled up along the keys, so that later key tiles score higher: rows' running maxima grow by more than
+    ``fwd_gluon.RESCALE_THRESHOLD`` (log2 units) at some tiles and not at others (``growth`` 0: as given)."""
+    ramp = 1 + growth * torch.arange(k.shape[1], device=k.device, dtype=torch.float32) / k.shape[1]
+    return (k.float() * ramp[None, :, None, None]).to(k.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("growth", [0, 8], ids=["random", "growing-scores"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", list(CASES) + ["three-wg-" + c for c in ("sq320-one-idle", "causal-sq512-one-idle")])
+def test_gluon_fwd_lazy_rescale_gpu(case, dtype, growth, device, monkeypatch):
+    """Lazy rescaling (``lazy_rescale``: O rescaled only where some row's max grew by more than the threshold)
+    against the reference through the public API, outputs poisoned, forward and backward: every table config (and
+    three consumer warpgroups at D = 64), on random inputs (the maxima settle after the first tiles) and on keys
+    scaled up along the sequence (the maxima keep growing: some steps rescale, others keep a stale max)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward runs on sm_90")
+    monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
+    if case.startswith("three-wg-"):
+        spec = dict(CASES_3WG[case.removeprefix("three-wg-")])
+        spec["shape"] = (*spec["shape"], 64)
+        causal = spec.get("causal", False)
+        monkeypatch.setitem(fwd_gluon._CONFIGS, (64, causal), _three_warpgroups(64, causal, lazy_rescale=True))
+    else:
+        spec = dict(CASES[case])
+        monkeypatch.setattr(fwd_gluon, "_CONFIGS", {key: dataclasses.replace(cfg, lazy_rescale=True)
+                                                    for key, cfg in fwd_gluon._CONFIGS.items()})
+    shape = spec.pop("shape")
+    q, k, v = _inputs(shape, dtype, device)
+    k = _ramp_keys(k, growth)
+    cfg = fwd_gluon.gluon_fwd_config(shape[-1], spec.get("causal", False), shape[1])
+    assert cfg.lazy_rescale and cfg.consumers == (3 if case.startswith("three-wg-") else 2)
 
     def fn(q, k, v):
         return flash_attn_func(q, k, v, return_lse=True, **spec)

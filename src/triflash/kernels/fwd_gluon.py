@@ -22,6 +22,11 @@ consumers through shared memory. Three partitions:
 - ``split_tail`` (D = 128 non-causal, runs of ``TAIL_MIN_TILES_FWD`` key tiles and more): the last wave's items,
   fewer than the programs, cut by keys into one run per program (``bwd_gluon._tail_piece``), each piece's O (fp32,
   over its keys) and LSE into a workspace, merged after the kernel (``combine.attn_tail_combine``).
+- ``lazy_rescale`` (D = 256 non-causal; D = 128 non-causal from 16k query rows): a row's running max moves only
+  when a key tile's exceeds it by more than ``RESCALE_THRESHOLD`` (log2 units), and O (64 x D fp32 in registers)
+  is rescaled only at the steps where some row of the warpgroup moved, one branch for the warpgroup; P is then
+  at most 2^8 and O and the row sum share the stale max, so the result is exact. FlashAttention-4's conditional
+  rescaling; here it saves D / 2 multiplies a thread per key tile for a reduction of one flag over the warpgroup.
 
 The epilogue normalises O (one reciprocal per row) and writes it through a shared-memory buffer per warpgroup by
 TMA stores left in flight (``o_tma``; at D = 256 the buffer holds half the columns, two stores), and the
@@ -69,6 +74,7 @@ BLOCK_M = 128  # query rows per work item of two consumer warpgroups (GluonFwdCo
 LOADER_REGS = 24  # the TMA producer's register budget (setmaxnreg)
 CONSUMER_REGS = 240  # a worker consumer warpgroup's (the first, the default partition, gets the rest)
 CONSUMER_REGS_3 = 160  # the same with three (16 warps: the default gets 512 - 2 x 160 - 24 = 168)
+RESCALE_THRESHOLD = 8.0  # lazy_rescale: log2 units a row's max may lag behind (P up to 2^8 = 256)
 O_COLS = 128  # o_tma: the columns of O a warpgroup's buffer holds (D = 256: two stores of half the columns)
 
 
@@ -86,6 +92,7 @@ class GluonFwdConfig:
     consumers: int = 2  # consumer warpgroups of 64 query rows: a work item is 64 * consumers rows
     p16: bool = False  # P carried between key tiles in 16 bits, not fp32 (always with three consumer warpgroups)
     split_tail: bool = False  # non-causal, persistent: the last wave's items split by keys over every program
+    lazy_rescale: bool = False  # O rescaled only when a row's max grows by more than RESCALE_THRESHOLD (_key_tiles)
 
     def __post_init__(self):
         if self.dynamic and not self.persistent:
@@ -181,12 +188,23 @@ class GluonFwdConfig:
 #         453/580/613 -> 456/579/640: taken at D = 128.
 #   D=256 non-causal 609/678/670 -> 619/651/656, 615/676/670 -> 613/649/669 (4k slower twice); causal
 #         480/632/654 -> 476/615/682, 479/616/648 -> 478/616/662: not taken.
+# Lazy rescaling (lazy_rescale: O rescaled only where a row's max grew by more than RESCALE_THRESHOLD), H100
+# 2026-12-07, scripts/hopper_fwd_variants.py, providers in turn 3 times (run 3: 5), median, off -> on, TFLOP/s,
+# docs/results/fwd-variants-h100-2026-12-07-lazy-*.jsonl:
+#   D=256 non-causal 1k 620 -> 636, 4k 675 -> 712, 16k 670 -> 751 (cuDNN 596 / 654 / 700): taken.
+#   D=256 causal 1k 482 -> 459, 4k 624 -> 609, 16k 662 -> 664: not taken.
+#   D=128 non-causal 16k 667 -> 675, 625 -> 659, 625 -> 672 (runs 1-3); 8k 630 -> 624; 4k 639 -> 628, 632 -> 617;
+#         2k 629 -> 604; 1k 599 -> 589, 593 -> 577: taken from 16k query rows (_LONG_CONFIGS).
+#   D=128 causal 1k 458 -> 449, 457 -> 449; 2k 537 -> 537; 4k 597 -> 601, 582 -> 591; 8k 602 -> 619; 16k 640 -> 631,
+#         623 -> 662, 629 -> 625: within the runs' spread, not taken.
+#   D=64 1k / 16k non-causal 433 -> 414, 526 -> 503; causal 329 -> 315, 465 -> 452: not taken (32 multiplies a
+#         thread per tile to save, fewer than the flag's reduction costs).
 _CONFIGS = {
     (64, False): GluonFwdConfig(128, 3, persistent=True),
     (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
     (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True, q_buffers=2, p16=True, split_tail=True),
     (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True, p16=True),
-    (256, False): GluonFwdConfig(64, 2, persistent=True),
+    (256, False): GluonFwdConfig(64, 2, persistent=True, lazy_rescale=True),
     (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True),
 }
 
@@ -354,10 +372,14 @@ def _first_softmax(x, n_free, first_row, qk_scale, dtype: gl.constexpr, BLOCK_N:
 @gluon.jit
 def _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it, n_tiles, n_free,
                first_row, m_i, l_i, p, acc, zero_s, qk_scale, p_layout: gl.constexpr, STAGES: gl.constexpr,
-               BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr):
+               BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
+               RESCALE_T: gl.constexpr):
     """Key tiles 1 .. n_tiles - 1 of an item whose tile 0 is ring position ``it``: S of tile j and O += P V of
     tile j - 1 on the tensor cores together, the softmax of tile j while P V runs. ``PINGPONG``: the warpgroups
-    issue their GEMMs by turns. Returns the softmax state and O before the last tile's P V."""
+    issue their GEMMs by turns. ``RESCALE_T`` > 0 (lazy rescaling): a row keeps its running max until a tile's
+    exceeds it by more than ``RESCALE_T`` (log2 units), and O is rescaled only at the steps where some row of the
+    warpgroup moved (exact either way: O and the sum share the max they were taken with). Returns the softmax
+    state and O before the last tile's P V."""
     o_layout: gl.constexpr = acc.type.layout
     dtype: gl.constexpr = q_view.dtype
     P16: gl.constexpr = p.dtype == dtype  # as _first_softmax made it
@@ -381,7 +403,13 @@ def _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_fre
         if CAUSAL:
             if j >= n_free:
                 x = _masked_scores(x, j, first_row, BLOCK_N)
-        m_new = gl.maximum(m_i, gl.max(x, 1) * qk_scale)
+        m_tile = gl.max(x, 1) * qk_scale
+        if RESCALE_T > 0:  # a row's max moves only when it grows by more than RESCALE_T (P stays <= 2^RESCALE_T)
+            m_new = gl.where(m_tile > m_i + RESCALE_T, m_tile, m_i)
+            moved = gl.max((m_new > m_i).to(gl.int32), 0)  # any row of the warpgroup: one branch for all
+        else:
+            m_new = gl.maximum(m_i, m_tile)
+            moved = 1  # a constant: the branch below folds away
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(x * qk_scale - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, 1)
@@ -390,7 +418,8 @@ def _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_fre
         m_i = m_new
         acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
         mbarrier.arrive(v_empty.index(prev))
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        if moved > 0:
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     return m_i, l_i, p, acc
 
 
@@ -485,7 +514,7 @@ def _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_free, k_ready, v_read
                   n_free, b, h, row0, off, seqlen_q, zero_s, qk_scale, part, ws, s_layout: gl.constexpr,
                   o_layout: gl.constexpr, p_layout: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
                   CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
-                  O_TMA: gl.constexpr, P16: gl.constexpr, TAIL: gl.constexpr):
+                  O_TMA: gl.constexpr, P16: gl.constexpr, TAIL: gl.constexpr, RESCALE_T: gl.constexpr):
     """A consumer warpgroup's rows (``row0`` on) of the program's ``i``-th work item ``t``, whose first key tile
     is ring position ``it``: the first tile's GEMM alone, then two GEMMs in flight per step (``_key_tiles``),
     the last P V alone, O and the LSE out. Returns the program's next item."""
@@ -498,7 +527,7 @@ def _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_free, k_ready, v_read
     acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
     m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it,
                                   n_tiles, n_free, row0 + off, m_i, l_i, p, acc, zero_s, qk_scale, p_layout, STAGES,
-                                  BLOCK_N, CAUSAL, WG, PINGPONG)
+                                  BLOCK_N, CAUSAL, WG, PINGPONG, RESCALE_T)
     t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
     acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, it + n_tiles - 1, p_layout, STAGES, WG, PINGPONG)
     _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
@@ -530,7 +559,7 @@ def _idle_item(q_bar, q_free, k_ready, v_ready, k_empty, v_empty, ids, id_ready,
 def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
                  OVERLAP: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr,
-                 TAIL: gl.constexpr):
+                 TAIL: gl.constexpr, RESCALE_T: gl.constexpr):
     """One consumer warpgroup (``WG`` of ``WGS``): per work item, its 64 query rows (Q piece ``WGS * buffer +
     WG``) against every key tile, two GEMMs in flight per step (``_consume_item``). ``PINGPONG``: the warpgroups
     issue their GEMMs by turns (``turn``: warpgroup w waits on its barrier before issuing, then arrives on the
@@ -576,7 +605,8 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
             acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
             m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                                           q_empty.index(qb), turn, it, n_tiles, n_free, row0 + off, m_i, l_i, p, acc,
-                                          zero_s, qk_scale, p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG)
+                                          zero_s, qk_scale, p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG,
+                                          RESCALE_T)
             last = it + n_tiles - 1
             t_next = _skip_empty(_next_item(t, i, ids, id_ready, id_empty, DYNAMIC), tail, n_full, total, TAIL)
             if t_next < total:
@@ -619,7 +649,7 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
                                    k_empty, v_empty, turn, ids, id_ready, id_empty, o_desc, o_ptr, lse_ptr,
                                    stride_os, stride_lb, stride_lh, t, i, it, n_tiles, n_free, b, h, row0, off,
                                    seqlen_q, zero_s, qk_scale, part, ws, s_layout, o_layout, p_layout, STAGES,
-                                   BLOCK_N, CAUSAL, DYNAMIC, WG, PINGPONG, O_TMA, P16, TAIL)
+                                   BLOCK_N, CAUSAL, DYNAMIC, WG, PINGPONG, O_TMA, P16, TAIL, RESCALE_T)
             t_next = _skip_empty(t_next, tail, n_full, total, TAIL)
         it += n_tiles
         t = t_next
@@ -635,7 +665,7 @@ def _attn_fwd_gluon_kernel(
     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
     QB: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr, ID_SLOTS: gl.constexpr,
-    LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, TAIL: gl.constexpr,
+    LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, TAIL: gl.constexpr, RESCALE_T: gl.constexpr,
 ):
     """O and LSE of ``WGS`` x 64 query rows of one head per work item (``_tile``); a program takes items
     ``program_id, program_id + num_programs, ...`` (one each when the grid covers them all; persistent when
@@ -694,11 +724,11 @@ def _attn_fwd_gluon_kernel(
     if WGS == 3:
         gl.warp_specialize([
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL)),
+                            P16, TAIL, RESCALE_T)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL)),
+                            P16, TAIL, RESCALE_T)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 2, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL)),
+                            P16, TAIL, RESCALE_T)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
                          seqlen_k, section, tail, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, TAIL)),
@@ -706,9 +736,9 @@ def _attn_fwd_gluon_kernel(
     else:
         gl.warp_specialize([
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL)),
+                            P16, TAIL, RESCALE_T)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL)),
+                            P16, TAIL, RESCALE_T)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
                          seqlen_k, section, tail, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, TAIL)),
@@ -720,7 +750,9 @@ def _attn_fwd_gluon_kernel(
 # 16k tokens, H = 32, same process; two -> three warpgroups, cuDNN): 1k 436 -> 416 (408), 4k 455 -> 472 (439),
 # 16k 452 -> 521 (463); causal 1k 333 -> 302 (330), 4k 431 -> 417 (403), 16k 465 -> 474 (429): two kept there. At
 # 1k a 192-row tiling of 1024 rows computes 1152 (the first item's top two warpgroups idle).
-_LONG_CONFIGS = {(64, False): (4096, _CONFIGS[(64, False)].with_consumers(3))}
+# Lazy rescaling at D = 128 non-causal from 16k query rows: its figures at _CONFIGS.
+_LONG_CONFIGS = {(64, False): (4096, _CONFIGS[(64, False)].with_consumers(3)),
+                 (128, False): (16384, replace(_CONFIGS[(128, False)], lazy_rescale=True))}
 
 
 def gluon_fwd_config(d, causal=False, seqlen_q=0):
@@ -799,7 +831,8 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
         BLOCK_N=cfg.block_n,
         STAGES=cfg.stages, CAUSAL=causal, DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong,
         OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma, WGS=cfg.consumers, P16=cfg.carries_p16,
-        LOADER_REGS=LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs, TAIL=tail0 < tiles, num_warps=4,
+        LOADER_REGS=LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs, TAIL=tail0 < tiles,
+        RESCALE_T=RESCALE_THRESHOLD if cfg.lazy_rescale else 0.0, num_warps=4,
     )
     if tail0 < tiles:
         attn_tail_combine(ws_o, ws_lse, out, lse, tail0=tail0, n_items=tiles, n_tiles=n_tiles, nprog=grid[0],
