@@ -89,10 +89,10 @@ def gluon_fwd_cases(dtype):
 
 def gluon_tail_cases(dtype):
     """The split tails (one program per SM, the launcher's thresholds lowered to one tile): the Gluon forward's at
-    D = 128 and D = 256 (forced on there; 144 items, the last wave's 12 cut by keys into runs of one or two key
-    tiles over every program, the pieces written to the workspace and merged after the kernel), then the Gluon
-    backward's at D = 128 (144 key blocks, the last 12 cut into runs of two or three (query head, tile) pairs, the
-    pieces' dK and dV summed after the kernel)."""
+    D = 128 and D = 256 (forced on there, with the table's lazy rescaling; 144 items, the last wave's 12 cut by
+    keys into runs of one or two key tiles over every program, the pieces written to the workspace and merged
+    after the kernel), then the Gluon backward's at D = 128 (144 key blocks, the last 12 cut into runs of two or
+    three (query head, tile) pairs, the pieces' dK and dV summed after the kernel)."""
     from triflash.kernels import bwd_gluon, fwd_gluon
 
     env = {name: os.environ.get(name) for name in ("TRIFLASH_GLUON_FWD", "TRIFLASH_GLUON_BWD")}

@@ -2,6 +2,7 @@
 under the interpreter)."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -240,22 +241,66 @@ def test_gluon_fwd_three_warpgroups_gpu(case, dtype, schedule, device, monkeypat
     check_against_ref(fn, dict(q=q, k=k, v=v), spec, ref_fp64=False)
 
 
-def _ramp_keys(k, growth):
-    """``k`` scaled up along the keys, so that later key tiles score higher: rows' running maxima grow by more than
-    ``fwd_gluon.RESCALE_THRESHOLD`` (log2 units) at some tiles and not at others (``growth`` 0: as given)."""
-    ramp = 1 + growth * torch.arange(k.shape[1], device=k.device, dtype=torch.float32) / k.shape[1]
-    return (k.float() * ramp[None, :, None, None]).to(k.dtype)
+# Keys for the lazy-rescaling tests: as drawn (the maxima settle after the first tile: no later step rescales),
+# scaled up linearly along the sequence up to 9x (every step moves some rows' maxima while others keep a stale
+# one), or scaled 5x from the middle key on (one jump: the steps before it skip the rescale, the jump's rescales
+# most rows, later steps a few or none).
+LAZY_KEYS = ("random", "growing-scores", "one-jump")
+
+
+def _lazy_keys(k, kind):
+    """``k`` as ``kind`` of ``LAZY_KEYS`` says."""
+    pos = torch.arange(k.shape[1], device=k.device, dtype=torch.float32) / k.shape[1]
+    scale = {"random": torch.ones_like(pos), "growing-scores": 1 + 8 * pos, "one-jump": 1 + 4.0 * (pos >= 0.5)}[kind]
+    return (k.float() * scale[None, :, None, None]).to(k.dtype)
+
+
+def _lazy_steps(q, k, block_n, scale):
+    """A Python mirror of ``_key_tiles``'s lazy rescaling over one head's first 64 query rows (a warpgroup): for
+    each key tile after the first, how many rows' maxima moved (O rescaled where any did), and the final log2
+    sum-exp against the exact one."""
+    x = (q[0, :64, 0].double() @ k[0, :, 0].double().T) * scale * 1.4426950408889634  # log2 units
+    m = x[:, :block_n].amax(1)
+    l_sum = torch.exp2(x[:, :block_n] - m[:, None]).sum(1)
+    moved = []
+    for j in range(block_n, x.shape[1], block_n):
+        tile = x[:, j:j + block_n]
+        m_new = torch.where(tile.amax(1) > m + fwd_gluon.RESCALE_THRESHOLD, tile.amax(1), m)
+        moved.append(int((m_new > m).sum()))
+        l_sum = l_sum * torch.exp2(m - m_new) + torch.exp2(tile - m_new[:, None]).sum(1)
+        m = m_new
+    return moved, m + torch.log2(l_sum), torch.logsumexp(x * math.log(2), 1) / math.log(2)
+
+
+@pytest.mark.parametrize("kind", LAZY_KEYS)
+def test_lazy_rescale_inputs(kind):
+    """The GPU test's inputs drive lazy rescaling's branches as ``LAZY_KEYS`` says (D = 128, 9 key tiles of 128):
+    random, no step after the first tile rescales; growing, every step rescales some of the 64 rows while others
+    keep a stale max; one jump, the steps before it skip and the jump's step rescales most rows. The mirrored
+    recurrence's log-sum-exp is exact each way."""
+    shape = CASES["gqa-d128-sq-lt-sk"]["shape"]
+    q, k, _ = _inputs(shape, torch.float32, "cpu")
+    moved, lse, exact = _lazy_steps(q, _lazy_keys(k, kind), 128, shape[-1] ** -0.5)
+    assert len(moved) == 8
+    if kind == "random":
+        assert not any(moved)
+    elif kind == "growing-scores":
+        assert all(0 < n < 64 for n in moved), moved
+    else:
+        assert not any(moved[:3]) and moved[3] > 32, moved  # the jump at key 576, in the fifth tile
+    torch.testing.assert_close(lse, exact, rtol=0, atol=1e-9)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("growth", [0, 8], ids=["random", "growing-scores"])
+@pytest.mark.parametrize("keys", LAZY_KEYS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES) + ["three-wg-" + c for c in ("sq320-one-idle", "causal-sq512-one-idle")])
-def test_gluon_fwd_lazy_rescale_gpu(case, dtype, growth, device, monkeypatch):
+def test_gluon_fwd_lazy_rescale_gpu(case, dtype, keys, device, monkeypatch):
     """Lazy rescaling (``lazy_rescale``: O rescaled only where some row's max grew by more than the threshold)
     against the reference through the public API, outputs poisoned, forward and backward: every table config (and
-    three consumer warpgroups at D = 64), on random inputs (the maxima settle after the first tiles) and on keys
-    scaled up along the sequence (the maxima keep growing: some steps rescale, others keep a stale max)."""
+    three consumer warpgroups at D = 64), on the keys of ``LAZY_KEYS``: as drawn (the maxima settle after the first
+    tile), scaled up along the sequence (every step rescales some rows, others keep a stale max) and with one jump
+    (steps that skip, then one that rescales)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
@@ -270,7 +315,7 @@ def test_gluon_fwd_lazy_rescale_gpu(case, dtype, growth, device, monkeypatch):
                                                     for key, cfg in fwd_gluon._CONFIGS.items()})
     shape = spec.pop("shape")
     q, k, v = _inputs(shape, dtype, device)
-    k = _ramp_keys(k, growth)
+    k = _lazy_keys(k, keys)
     cfg = fwd_gluon.gluon_fwd_config(shape[-1], spec.get("causal", False), shape[1])
     assert cfg.lazy_rescale and cfg.consumers == (3 if case.startswith("three-wg-") else 2)
 
