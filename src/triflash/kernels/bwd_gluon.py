@@ -56,7 +56,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from ..configs import device_arch, sm_count
 from .combine import attn_tail_sum
 from .fwd_hopper import _tma_ok
-from .launch import TmaDesc, l2_section, launch_cached, zeroed_counter
+from .launch import TmaDesc, l2_section, launch_cached, sectioned, zeroed_counter
 
 BLOCK_M = 64
 # D = 64: 128-row query tiles (half the tiles, so half the per-tile barriers, fences and hand-overs for the same
@@ -161,7 +161,7 @@ def _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, group_size, tail,
     its batch, kv head, first key, first query row it sees, query tiles from there, how many of them straddle the
     causal diagonal, and of the ``group_size * tiles`` (query head, tile) pairs the first to walk, how many and
     the workspace slot (-1: the whole item, dK and dV written out). Items go in sections of ``section`` kv heads
-    (``_sectioned``) whose Q, dO and dQ fit in L2 together: within a section every head's first key block (under
+    (``launch.sectioned``) whose Q, dO and dQ fit in L2 together: within a section every head's first key block (under
     causal the one that sees the most rows) before any head's second, so that the section's programs read the
     same Q and dO tiles and add into the same dQ rows at about the same time. ``TAIL`` (``SPLIT_TAIL``,
     non-causal): ``t`` from ``tail[0]`` on is a piece of the last wave's items (``_tail_piece``)."""
@@ -171,7 +171,7 @@ def _bwd_item(t, section, seqlen_q, seqlen_k, batch, nheads_k, group_size, tail,
         count = group_size * (seqlen_q // BLOCK_M)
         if t >= tail[0]:
             t, first, count, part = _tail_piece(t, tail, count)
-    pid_n, bhk = _sectioned(t, section, seqlen_k // BLOCK_N, batch * nheads_k)
+    pid_n, bhk = sectioned(t, section, seqlen_k // BLOCK_N, batch * nheads_k)
     n_start = pid_n * BLOCK_N
     lo = 0
     if CAUSAL:  # the first query tile with a row that sees key n_start
@@ -358,17 +358,6 @@ def _bwd_put_dq(it, dq, dq_smem, dq_full, dq_empty):
 
 
 @gluon.jit
-def _sectioned(t, section, per_head, n_heads):
-    """``(i, head)`` of the ``t``-th program or work item of an order that walks heads in sections of ``section``
-    (``launch.l2_section``): within a section, item 0 of every head, then item 1 of every head, and so on; the
-    last section holds the heads left over."""
-    sec = t // (section * per_head)
-    r = t - sec * (section * per_head)
-    n_in = gl.minimum(section, n_heads - sec * section)
-    return r // n_in, sec * section + r % n_in
-
-
-@gluon.jit
 def _bwd_probs(st, lse_row, cols, first_row, qk_scale, MASKED: gl.constexpr):
     """P^T = exp2(S^T * scale - LSE) of one tile, ``lse_row`` the shared-memory slot of its rows' LSE (natural
     log), ``cols`` the tile's column indices. ``MASKED``: causal, key r of the block sees tile row c iff
@@ -547,7 +536,7 @@ def _bwd_compute(q_smem, do_smem, k_smem, v_smem, pt_smem, ds_smem, dq_smem, lse
                                    delta_smem, ready, empty, dq_full, dq_empty, 0, qk_scale, zero_s, zero_dq,
                                    pa_layout, dsa_layout, STAGES, False, DQ_EARLY)
         it += count
-        if TAIL:
+        if TAIL:  # constexpr first: builds without the split hold no piece code (see fwd_gluon._fwd_epilogue)
             if part >= 0:
                 _bwd_write_piece(dk * softmax_scale, dv, ws, part)
                 gl.thread_barrier()  # every warp's last GEMM has read K and V
@@ -829,10 +818,9 @@ def split_tail_start(split, items, programs, n_tiles, min_tiles=None):
     length, one program per SM walking every ``programs``-th), ``items`` not a multiple of the ``programs``, the
     last wave's ``rest`` items are split by tiles (``n_tiles`` an item) over every program where each program's
     run is at least ``min_tiles`` (default ``TAIL_MIN_TILES``) tiles and the split saves ``TAIL_MIN_SAVED``
-    tile-times (the last wave's
-    ``n_tiles`` against ``rest * n_tiles / programs``). Without it the last wave runs ``rest`` whole items while
-    the other programs idle: at 2048 items on 132 SMs (D = 128, 16k tokens, any length, forward and backward) that
-    is 16 item-times for 15.5 items' work."""
+    tile-times (the last wave's ``n_tiles`` against ``rest * n_tiles / programs``). Without it the last wave runs
+    ``rest`` whole items while the other programs idle: at 2048 items on 132 SMs (D = 128, 16k tokens, any length,
+    forward and backward) that is 16 item-times for 15.5 items' work."""
     rest = items % programs if items > programs else 0
     if not split or rest == 0:
         return items

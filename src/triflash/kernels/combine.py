@@ -10,7 +10,7 @@ output is never read, so it may hold anything.
 import triton
 import triton.language as tl
 
-from .launch import launch_cached
+from .launch import launch_cached, sectioned
 
 
 @triton.jit
@@ -161,14 +161,10 @@ def _tail_sum_kernel(
     # in bwd_gluon._bwd_item's order: L2 sections of ``section`` heads, block i of each head before block i + 1),
     # dK and dV summed over the pieces of the programs whose runs cover it.
     r = tl.program_id(0)
-    t = tail0 + r
-    sec = t // (section * n_blocks)
-    rest = t - sec * (section * n_blocks)
-    n_in = tl.minimum(section, n_bhk - sec * section)
-    bhk = sec * section + rest % n_in
+    pid_n, bhk = sectioned(tail0 + r, section, n_blocks, n_bhk)
     b = (bhk // nheads_k).to(tl.int64)
     hk = (bhk % nheads_k).to(tl.int64)
-    keys = ((rest // n_in) * BLOCK_N + tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    keys = (pid_n * BLOCK_N + tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     ck = tl.arange(0, HEAD_DIM)
     cv = tl.arange(0, HEAD_DIM_V)

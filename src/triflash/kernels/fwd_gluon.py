@@ -56,7 +56,6 @@ from .bwd_gluon import (
     ID_SLOTS,
     _desc,
     _next_item,
-    _sectioned,
     _skip_empty,
     _store_rows,
     _tail_piece,
@@ -67,7 +66,7 @@ from .bwd_gluon import split_tail_start as tail_start
 from .combine import attn_tail_combine
 from .fwd import fwd_softmax_args
 from .fwd_hopper import _tma_ok
-from .launch import l2_section, launch_cached, zeroed_counter
+from .launch import l2_section, launch_cached, sectioned, zeroed_counter
 
 HALF_M = 64  # query rows per consumer warpgroup
 BLOCK_M = 128  # query rows per work item of two consumer warpgroups (GluonFwdConfig.block_m)
@@ -229,7 +228,7 @@ def _tile(t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, tai
         if t >= tail[0]:
             t, k_first, n_piece, part = _tail_piece(t, tail, n_piece)
     if CAUSAL:
-        i, bh = _sectioned(t, section, tiles_m, n_bh)
+        i, bh = sectioned(t, section, tiles_m, n_bh)
         pid_m = tiles_m - 1 - i
     else:
         pid_m = t % tiles_m
@@ -456,7 +455,9 @@ def _fwd_epilogue(acc, m_i, l_i, o_desc, o_smem, o_ptr, lse_ptr, b, h, row0, seq
                   stride_lh, part, ws, s_layout: gl.constexpr, dtype: gl.constexpr, O_TMA: gl.constexpr,
                   TAIL: gl.constexpr):
     """The warpgroup's rows of an item (``_write_o``) or, ``TAIL`` and ``part >= 0``, of a split-tail piece
-    (``_write_piece``: slot ``part`` of the workspace ``ws``)."""
+    (``_write_piece``: slot ``part`` of the workspace ``ws``). ``TAIL`` is tested first so that builds without the
+    split hold no piece code (``part`` is -1 there, but a runtime test alone kept the piece's stores, which then
+    failed to lower for sm_90)."""
     if TAIL:
         if part >= 0:
             BLOCK_M: gl.constexpr = 2 * acc.shape[0]

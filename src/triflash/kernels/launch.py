@@ -22,6 +22,8 @@ import threading
 import warnings
 
 import torch
+import triton
+import triton.language as tl
 from triton import knobs
 from triton.experimental.gluon._runtime import GluonJITFunction
 from triton.runtime.jit import JITFunction
@@ -63,6 +65,18 @@ def l2_section(head_bytes: int, n_heads: int, l2_mb: int) -> int:
     if not l2_mb:
         return n_heads
     return min(max(1, (l2_mb << 20) // max(head_bytes, 1)), n_heads)
+
+
+@triton.jit
+def sectioned(t, section, per_head, n_heads):
+    """``(i, head)`` of the ``t``-th program or work item of an order that walks heads in sections of ``section``
+    (``l2_section``): within a section, item 0 of every head, then item 1 of every head, and so on; the last
+    section holds the heads left over. A Triton function, so that the Gluon kernels (which may call it) and the
+    Triton ones (which cannot call Gluon functions) share it."""
+    sec = t // (section * per_head)
+    r = t - sec * (section * per_head)
+    n_in = tl.minimum(section, n_heads - sec * section)
+    return r // n_in, sec * section + r % n_in
 
 
 class TmaDesc:
