@@ -3,7 +3,9 @@ under the interpreter)."""
 
 import dataclasses
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from attn_check import check_against_ref
@@ -291,6 +293,22 @@ def test_lazy_rescale_inputs(kind):
     torch.testing.assert_close(lse, exact, rtol=0, atol=1e-9)
 
 
+def _changed_configs(case, monkeypatch, change):
+    """The Gluon forward forced on and the spec of ``case`` (a ``CASES`` key, or ``three-wg-`` and a ``CASES_3WG``
+    key at D = 64), the launcher's configs changed as ``change((d, causal))`` says: every table config, or for
+    ``three-wg-`` cases the D = 64 one with three consumer warpgroups."""
+    monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
+    if case.startswith("three-wg-"):
+        spec = dict(CASES_3WG[case.removeprefix("three-wg-")])
+        spec["shape"] = (*spec["shape"], 64)
+        key = (64, spec.get("causal", False))
+        monkeypatch.setitem(fwd_gluon._CONFIGS, key, _three_warpgroups(*key, **change(key)))
+        return spec
+    monkeypatch.setattr(fwd_gluon, "_CONFIGS", {key: dataclasses.replace(cfg, **change(key))
+                                                for key, cfg in fwd_gluon._CONFIGS.items()})
+    return dict(CASES[case])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("keys", LAZY_KEYS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -303,21 +321,74 @@ def test_gluon_fwd_lazy_rescale_gpu(case, dtype, keys, device, monkeypatch):
     (steps that skip, then one that rescales)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90")
-    monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
-    if case.startswith("three-wg-"):
-        spec = dict(CASES_3WG[case.removeprefix("three-wg-")])
-        spec["shape"] = (*spec["shape"], 64)
-        causal = spec.get("causal", False)
-        monkeypatch.setitem(fwd_gluon._CONFIGS, (64, causal), _three_warpgroups(64, causal, lazy_rescale=True))
-    else:
-        spec = dict(CASES[case])
-        monkeypatch.setattr(fwd_gluon, "_CONFIGS", {key: dataclasses.replace(cfg, lazy_rescale=True)
-                                                    for key, cfg in fwd_gluon._CONFIGS.items()})
+    spec = _changed_configs(case, monkeypatch, lambda key: dict(lazy_rescale=True))
     shape = spec.pop("shape")
     q, k, v = _inputs(shape, dtype, device)
     k = _lazy_keys(k, keys)
     cfg = fwd_gluon.gluon_fwd_config(shape[-1], spec.get("causal", False), shape[1])
     assert cfg.lazy_rescale and cfg.consumers == (3 if case.startswith("three-wg-") else 2)
+
+    def fn(q, k, v):
+        return flash_attn_func(q, k, v, return_lse=True, **spec)
+
+    check_against_ref(fn, dict(q=q, k=k, v=v), spec, ref_fp64=False)
+
+
+def _poly_exp2(x, asm):
+    """The polynomial exponential of ``fwd_gluon._exp2_asm``'s PTX, step by step in fp32 with the constants read
+    from the PTX text (floats written ``0fXXXXXXXX``)."""
+    bits = [int(h, 16) for h in re.findall(r"0f([0-9A-F]{8})", asm)]
+    consts = np.array(bits, dtype=np.uint32).view(np.float32)
+    low, magic, _, c3, c2, c1, one = consts  # the clamp, 1.5 * 2^23 (twice), the polynomial's coefficients
+    t = np.maximum(x, low)
+    j = np.floor(t.astype(np.float64) + np.float64(magic)).astype(np.float32)  # add.rm: exact in fp64, then fp32
+    f = t - (j - magic)
+    p = (f * c3 + c2).astype(np.float32)
+    p = (p * f + c1).astype(np.float32)
+    p = (p * f + one).astype(np.float32)
+    return (p.view(np.uint32) + (j.view(np.uint32) << np.uint32(23))).view(np.float32)
+
+
+@pytest.mark.parametrize("pack", [2, 4, 8])
+def test_exp2_polynomial(pack):
+    """``exp_emul``'s exponential (``_exp2_asm``) mirrored on the CPU: within 1e-4 of 2^x relative (a 16-bit P
+    rounds at 2^-11 or coarser) over [-126, 8] (P goes up to 2^8 with lazy rescaling), exactly 0 at -inf and 1 at 0
+    (a masked score, a row's max); one score of ``pack`` by polynomial, the others by ``ex2.approx``."""
+    asm = fwd_gluon._exp2_asm(pack)
+    assert asm.count("ex2.approx") == pack - 1 and f"${pack}," in asm and "$0, p, j" in asm
+    special = np.float32([-np.inf, -1000, -127, 0, -0.0, 1, 8, -1e-8])
+    x = np.concatenate([np.linspace(-126, 8, 1_000_001, dtype=np.float32), special])
+    got = _poly_exp2(x, asm).astype(np.float64)
+    want = np.exp2(x.astype(np.float64))
+    normal = want >= 2.0 ** -126
+    assert np.abs(got[normal] / want[normal] - 1).max() < 1e-4
+    assert (got[~normal] < 2.0 ** -126).all() and (got[x <= -127] == 0).all()
+    assert got[-len(special):-1].tolist() == [0, 0, 0, 1, 1, 2, 256]
+
+
+def test_exp_emul_config():
+    """``exp_emul`` is one of 0, 2, 4, 8."""
+    for bad in (1, 3, 16):
+        with pytest.raises(ValueError, match="exp_emul"):
+            fwd_gluon.GluonFwdConfig(128, 2, exp_emul=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("emul", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", list(CASES) + ["three-wg-" + c for c in ("sq320-one-idle", "causal-sq512-one-idle")])
+def test_gluon_fwd_exp_emul_gpu(case, dtype, emul, device, monkeypatch):
+    """Exponentials split between MUFU and an FMA polynomial (``exp_emul``: one in ``emul``) against the reference
+    through the public API, outputs poisoned, forward and backward: every table config (with lazy rescaling too,
+    so that P goes above 1) and three consumer warpgroups at D = 64, keys scaled up along the sequence (scores
+    over a wide range, maxima moving)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward runs on sm_90")
+    spec = _changed_configs(case, monkeypatch, lambda key: dict(exp_emul=emul, lazy_rescale=not key[1]))
+    shape = spec.pop("shape")
+    q, k, v = _inputs(shape, dtype, device)
+    k = _lazy_keys(k, "growing-scores")
+    assert fwd_gluon.gluon_fwd_config(shape[-1], spec.get("causal", False), shape[1]).exp_emul == emul
 
     def fn(q, k, v):
         return flash_attn_func(q, k, v, return_lse=True, **spec)

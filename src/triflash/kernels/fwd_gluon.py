@@ -92,6 +92,7 @@ class GluonFwdConfig:
     p16: bool = False  # P carried between key tiles in 16 bits, not fp32 (always with three consumer warpgroups)
     split_tail: bool = False  # non-causal, persistent: the last wave's items split by keys over every program
     lazy_rescale: bool = False  # O rescaled only when a row's max grows by more than RESCALE_THRESHOLD (_key_tiles)
+    exp_emul: int = 0  # 2, 4, 8: one score's exponential in this many by an FMA polynomial (_exp2_scores); 0: none
 
     def __post_init__(self):
         if self.dynamic and not self.persistent:
@@ -100,6 +101,8 @@ class GluonFwdConfig:
             raise ValueError("GluonFwdConfig: q_buffers is 1 or 2, and 2 with overlap")
         if self.consumers not in (2, 3) or (self.consumers == 3 and (self.pingpong or self.q_buffers != 1)):
             raise ValueError("GluonFwdConfig: consumers is 2 or 3, and 3 without ping-pong, with one Q buffer")
+        if self.exp_emul not in (0, 2, 4, 8):
+            raise ValueError("GluonFwdConfig: exp_emul is 0, 2, 4 or 8")
         if self.split_tail and (not self.persistent or self.dynamic or self.consumers != 2):
             raise ValueError("GluonFwdConfig: split_tail is a static persistent schedule's, two consumer warpgroups")
 
@@ -337,6 +340,46 @@ def _masked_scores(x, j, first_row, BLOCK_N: gl.constexpr):
     return gl.where(keys[None, :] <= (rows + first_row)[:, None], x, float("-inf"))
 
 
+def _exp2_asm(pack):
+    """PTX for ``pack`` consecutive scores of a thread (inputs ``$pack`` ..): the first one's 2^x by an FMA
+    polynomial, the others' by ``ex2.approx`` (MUFU). 2^x = 2^floor(x) * p(x - floor(x)): floor by adding
+    1.5 * 2^23 rounding down (its low bits then hold floor(x)), p of degree 3 (relative error 8.6e-5, below a 16-bit
+    P's rounding), 2^floor(x) added into p's exponent field. x is clamped at -127 first, where the result is 0
+    exactly (f = 0, p = 1, exponent field 0) as ex2.approx gives for -inf."""
+    lines = ["{", ".reg .b32 t, j, f, p;",
+             f"max.ftz.f32 t, ${pack}, 0fC2FE0000;",  # -127
+             "add.rm.ftz.f32 j, t, 0f4B400000;",  # 1.5 * 2^23 + floor(t)
+             "sub.ftz.f32 f, j, 0f4B400000;",
+             "sub.ftz.f32 f, t, f;",  # t - floor(t), in [0, 1)
+             "fma.rn.ftz.f32 p, f, 0f3D9DD45C, 0f3E691C4C;",  # 0.0770652 f + 0.227647
+             "fma.rn.ftz.f32 p, p, f, 0f3F31F325;",  # + 0.695116
+             "fma.rn.ftz.f32 p, p, f, 0f3F800000;",  # + 1
+             "shl.b32 j, j, 23;",  # floor(t) << 23 (mod 2^32: the constant's bits shift out)
+             "add.s32 $0, p, j;"]
+    lines += [f"ex2.approx.ftz.f32 ${i}, ${pack + i};" for i in range(1, pack)]
+    return "\n".join(lines + ["}"])
+
+
+_EXP2_ASM = {n: (gl.constexpr(_exp2_asm(n)), gl.constexpr(",".join(["=r"] * n + ["r"] * n))) for n in (2, 4, 8)}
+_EXP2_ASM_2, _EXP2_ARGS_2 = _EXP2_ASM[2]
+_EXP2_ASM_4, _EXP2_ARGS_4 = _EXP2_ASM[4]
+_EXP2_ASM_8, _EXP2_ARGS_8 = _EXP2_ASM[8]
+
+
+@gluon.jit
+def _exp2_scores(z, EXP_EMUL: gl.constexpr):
+    """2^z of a score tile; ``EXP_EMUL`` (2, 4, 8): one exponential in that many by FMA and integer instructions
+    instead of the MUFU unit (16 a clock an SM against 128 FMAs), FlashAttention-4's split; 0: all by MUFU."""
+    if EXP_EMUL == 2:
+        return gl.inline_asm_elementwise(_EXP2_ASM_2, _EXP2_ARGS_2, [z], dtype=gl.float32, is_pure=True, pack=2)
+    elif EXP_EMUL == 4:
+        return gl.inline_asm_elementwise(_EXP2_ASM_4, _EXP2_ARGS_4, [z], dtype=gl.float32, is_pure=True, pack=4)
+    elif EXP_EMUL == 8:
+        return gl.inline_asm_elementwise(_EXP2_ASM_8, _EXP2_ARGS_8, [z], dtype=gl.float32, is_pure=True, pack=8)
+    else:
+        return gl.exp2(z)
+
+
 @gluon.jit
 def _first_tile(q_view, k_smem, k_ready, k_empty, q_free, it, n_tiles, n_free, first_row, zero_s, qk_scale,
                 STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, P16: gl.constexpr):
@@ -372,7 +415,7 @@ def _first_softmax(x, n_free, first_row, qk_scale, dtype: gl.constexpr, BLOCK_N:
 def _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it, n_tiles, n_free,
                first_row, m_i, l_i, p, acc, zero_s, qk_scale, p_layout: gl.constexpr, STAGES: gl.constexpr,
                BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
-               RESCALE_T: gl.constexpr):
+               RESCALE_T: gl.constexpr, EXP_EMUL: gl.constexpr):
     """Key tiles 1 .. n_tiles - 1 of an item whose tile 0 is ring position ``it``: S of tile j and O += P V of
     tile j - 1 on the tensor cores together, the softmax of tile j while P V runs. ``PINGPONG``: the warpgroups
     issue their GEMMs by turns. ``RESCALE_T`` > 0 (lazy rescaling): a row keeps its running max until a tile's
@@ -410,7 +453,7 @@ def _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_fre
             m_new = gl.maximum(m_i, m_tile)
             moved = 1  # a constant: the branch below folds away
         alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(x * qk_scale - m_new[:, None])
+        p = _exp2_scores(x * qk_scale - m_new[:, None], EXP_EMUL)
         l_i = l_i * alpha + gl.sum(p, 1)
         if P16:  # carried to the next step in 16 bits: 32 registers a thread instead of 64
             p = p.to(dtype)
@@ -515,7 +558,8 @@ def _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_free, k_ready, v_read
                   n_free, b, h, row0, off, seqlen_q, zero_s, qk_scale, part, ws, s_layout: gl.constexpr,
                   o_layout: gl.constexpr, p_layout: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
                   CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
-                  O_TMA: gl.constexpr, P16: gl.constexpr, TAIL: gl.constexpr, RESCALE_T: gl.constexpr):
+                  O_TMA: gl.constexpr, P16: gl.constexpr, TAIL: gl.constexpr, RESCALE_T: gl.constexpr,
+                  EXP_EMUL: gl.constexpr):
     """A consumer warpgroup's rows (``row0`` on) of the program's ``i``-th work item ``t``, whose first key tile
     is ring position ``it``: the first tile's GEMM alone, then two GEMMs in flight per step (``_key_tiles``),
     the last P V alone, O and the LSE out. Returns the program's next item."""
@@ -528,7 +572,7 @@ def _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_free, k_ready, v_read
     acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
     m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it,
                                   n_tiles, n_free, row0 + off, m_i, l_i, p, acc, zero_s, qk_scale, p_layout, STAGES,
-                                  BLOCK_N, CAUSAL, WG, PINGPONG, RESCALE_T)
+                                  BLOCK_N, CAUSAL, WG, PINGPONG, RESCALE_T, EXP_EMUL)
     t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
     acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, it + n_tiles - 1, p_layout, STAGES, WG, PINGPONG)
     _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
@@ -560,7 +604,7 @@ def _idle_item(q_bar, q_free, k_ready, v_ready, k_empty, v_empty, ids, id_ready,
 def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
                  OVERLAP: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr,
-                 TAIL: gl.constexpr, RESCALE_T: gl.constexpr):
+                 TAIL: gl.constexpr, RESCALE_T: gl.constexpr, EXP_EMUL: gl.constexpr):
     """One consumer warpgroup (``WG`` of ``WGS``): per work item, its 64 query rows (Q piece ``WGS * buffer +
     WG``) against every key tile, two GEMMs in flight per step (``_consume_item``). ``PINGPONG``: the warpgroups
     issue their GEMMs by turns (``turn``: warpgroup w waits on its barrier before issuing, then arrives on the
@@ -607,7 +651,7 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
             m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                                           q_empty.index(qb), turn, it, n_tiles, n_free, row0 + off, m_i, l_i, p, acc,
                                           zero_s, qk_scale, p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG,
-                                          RESCALE_T)
+                                          RESCALE_T, EXP_EMUL)
             last = it + n_tiles - 1
             t_next = _skip_empty(_next_item(t, i, ids, id_ready, id_empty, DYNAMIC), tail, n_full, total, TAIL)
             if t_next < total:
@@ -650,7 +694,7 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
                                    k_empty, v_empty, turn, ids, id_ready, id_empty, o_desc, o_ptr, lse_ptr,
                                    stride_os, stride_lb, stride_lh, t, i, it, n_tiles, n_free, b, h, row0, off,
                                    seqlen_q, zero_s, qk_scale, part, ws, s_layout, o_layout, p_layout, STAGES,
-                                   BLOCK_N, CAUSAL, DYNAMIC, WG, PINGPONG, O_TMA, P16, TAIL, RESCALE_T)
+                                   BLOCK_N, CAUSAL, DYNAMIC, WG, PINGPONG, O_TMA, P16, TAIL, RESCALE_T, EXP_EMUL)
             t_next = _skip_empty(t_next, tail, n_full, total, TAIL)
         it += n_tiles
         t = t_next
@@ -667,6 +711,7 @@ def _attn_fwd_gluon_kernel(
     CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
     QB: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr, ID_SLOTS: gl.constexpr,
     LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, TAIL: gl.constexpr, RESCALE_T: gl.constexpr,
+    EXP_EMUL: gl.constexpr,
 ):
     """O and LSE of ``WGS`` x 64 query rows of one head per work item (``_tile``); a program takes items
     ``program_id, program_id + num_programs, ...`` (one each when the grid covers them all; persistent when
@@ -725,11 +770,11 @@ def _attn_fwd_gluon_kernel(
     if WGS == 3:
         gl.warp_specialize([
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL, RESCALE_T)),
+                            P16, TAIL, RESCALE_T, EXP_EMUL)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL, RESCALE_T)),
+                            P16, TAIL, RESCALE_T, EXP_EMUL)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 2, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL, RESCALE_T)),
+                            P16, TAIL, RESCALE_T, EXP_EMUL)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
                          seqlen_k, section, tail, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, TAIL)),
@@ -737,9 +782,9 @@ def _attn_fwd_gluon_kernel(
     else:
         gl.warp_specialize([
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL, RESCALE_T)),
+                            P16, TAIL, RESCALE_T, EXP_EMUL)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL, RESCALE_T)),
+                            P16, TAIL, RESCALE_T, EXP_EMUL)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
                          seqlen_k, section, tail, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, TAIL)),
@@ -833,7 +878,7 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
         STAGES=cfg.stages, CAUSAL=causal, DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong,
         OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma, WGS=cfg.consumers, P16=cfg.carries_p16,
         LOADER_REGS=LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs, TAIL=tail0 < tiles,
-        RESCALE_T=RESCALE_THRESHOLD if cfg.lazy_rescale else 0.0, num_warps=4,
+        RESCALE_T=RESCALE_THRESHOLD if cfg.lazy_rescale else 0.0, EXP_EMUL=cfg.exp_emul, num_warps=4,
     )
     if tail0 < tiles:
         attn_tail_combine(ws_o, ws_lse, out, lse, tail0=tail0, n_items=tiles, n_tiles=n_tiles, nprog=grid[0],
