@@ -92,7 +92,9 @@ class GluonFwdConfig:
     p16: bool = False  # P carried between key tiles in 16 bits, not fp32 (always with three consumer warpgroups)
     split_tail: bool = False  # non-causal, persistent: the last wave's items split by keys over every program
     lazy_rescale: bool = False  # O rescaled only when a row's max grows by more than RESCALE_THRESHOLD (_key_tiles)
-    exp_emul: int = 0  # 2, 4, 8: one score's exponential in this many by an FMA polynomial (_exp2_scores); 0: none
+    # 2, 4, 8: one score's exponential in this many by an FMA polynomial (_exp2_scores); 0: none. Off in the table:
+    # H100 2026-12-07, none / 8 / 4 / 2, D=128 16k 693/663/650/585, D=64 16k 529/510/469/415 TFLOP/s (issue-bound).
+    exp_emul: int = 0
 
     def __post_init__(self):
         if self.dynamic and not self.persistent:
