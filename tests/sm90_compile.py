@@ -202,14 +202,17 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["fwd_gluon"]:
         # The six table configs, then D = 64 with the other number of consumer warpgroups (2 <-> 3), then the
         # configs with a split tail built without it (the build for the calls that do not split), then the long
-        # configs other than D = 64's three warpgroups (D = 128 non-causal from 16k: lazy rescaling).
+        # configs other than D = 64's three warpgroups (D = 128 non-causal from 16k: lazy rescaling), then D = 128
+        # non-causal with exponentials split with the FMA polynomial (exp_emul, its inline PTX through ptxas).
         other = [(causal, fwd_gluon.gluon_fwd_config(64, causal)) for causal in (False, True)]
         whole = [(d, cfg) for (d, causal), cfg in fwd_gluon._CONFIGS.items() if cfg.split_tail and not causal]
         long = [(d, causal, cfg) for (d, causal), (_, cfg) in fwd_gluon._LONG_CONFIGS.items() if d != 64]
         json.dump([compile_fwd_gluon(d, causal) for d in (64, 128, 256) for causal in (False, True)]
                   + [compile_fwd_gluon(64, causal, cfg.with_consumers(5 - cfg.consumers)) for causal, cfg in other]
                   + [compile_fwd_gluon(d, False, dataclasses.replace(cfg, split_tail=False)) for d, cfg in whole]
-                  + [compile_fwd_gluon(d, causal, cfg) for d, causal, cfg in long], sys.stdout)
+                  + [compile_fwd_gluon(d, causal, cfg) for d, causal, cfg in long]
+                  + [compile_fwd_gluon(128, False, dataclasses.replace(fwd_gluon.gluon_fwd_config(128), exp_emul=4))],
+                  sys.stdout)
     elif sys.argv[1:] == ["bwd_gluon"]:
         # Each head dim and causal as launched (non-causal at D <= 128 with the split tail's code), then the
         # non-causal builds without it (the calls that do not split).

@@ -76,11 +76,14 @@ def test_compile_sm90_gluon_fwd():
     warpgroups (setmaxnreg), shared memory within an H100's 227 KiB, no spills in the loops (one per consumer
     warpgroup); three consumer warpgroups (160 registers each but the first's 168) spill nothing at all. D = 128
     non-causal both with the split tail's code (the table's) and without it (the calls that do not split), and
-    with lazy rescaling (its config from 16k query rows); D = 256 non-causal with lazy rescaling (the table's)."""
+    with lazy rescaling (its config from 16k query rows); D = 256 non-causal with lazy rescaling (the table's); D = 128
+    non-causal with one exponential in four by the FMA polynomial (``exp_emul``, inline PTX)."""
     reports = sm90_reports("fwd_gluon")
-    assert len(reports) == 10 and sorted(r["consumers"] for r in reports[6:8] + reports[:2]) == [2, 2, 3, 3]
-    assert [(r["head_dim"], r["tail"], r["lazy"]) for r in reports if r["tail"] or r["lazy"] or r["head_dim"] == 128
-            and not r["causal"]] == [(128, True, False), (256, False, True), (128, False, False), (128, True, True)]
+    assert len(reports) == 11 and sorted(r["consumers"] for r in reports[6:8] + reports[:2]) == [2, 2, 3, 3]
+    assert [(r["head_dim"], r["tail"], r["lazy"]) for r in reports[:10]
+            if r["tail"] or r["lazy"] or r["head_dim"] == 128 and not r["causal"]] == [
+        (128, True, False), (256, False, True), (128, False, False), (128, True, True)]
+    assert [r["exp_emul"] for r in reports] == [0] * 10 + [4] and reports[10]["head_dim"] == 128
     for r in reports:
         assert r["wgmma"] and r["tma"] and r["warp_specialized"], r
         assert r["smem"] <= 232448 and r["hot_loops"] == r["consumers"] and r["loop_spills"] == 0, r
