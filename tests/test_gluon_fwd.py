@@ -112,13 +112,15 @@ def test_gluon_fwd_three_warpgroups_shapes(monkeypatch):
 
 
 def test_gluon_fwd_long_config():
-    """From 4k query rows the launcher takes three consumer warpgroups at D = 64 non-causal (``_LONG_CONFIGS``),
-    so there S_q need only be a multiple of 64; everywhere else the table's two. Lazy rescaling where it measured
-    faster."""
+    """From 4k query rows the launcher takes three consumer warpgroups at D = 64 non-causal, from 16k causal
+    (``_LONG_CONFIGS``), so there S_q need only be a multiple of 64; everywhere else the table's two. Lazy rescaling
+    where it measured faster."""
     pick = fwd_gluon.gluon_fwd_config
     assert pick(64, False, 4096).consumers == 3 and pick(64, False, 16384).block_m == 192
+    assert pick(64, True, 16384).consumers == 3 and pick(64, True, 16384).dynamic
     assert pick(64, False, 4032) == pick(64, False) == fwd_gluon._CONFIGS[(64, False)]
-    assert pick(64, False).consumers == pick(64, True, 16384).consumers == pick(128, False, 16384).consumers == 2
+    assert pick(64, True, 16320) == pick(64, True) == fwd_gluon._CONFIGS[(64, True)]
+    assert pick(64, False).consumers == pick(64, True, 8192).consumers == pick(128, False, 16384).consumers == 2
     # Lazy rescaling: D = 256 non-causal everywhere, D = 128 non-causal from 16k query rows, nowhere else.
     assert pick(256, False).lazy_rescale and pick(128, False, 16384).lazy_rescale
     assert not any(pick(d, causal, s).lazy_rescale for d in (64, 128, 256) for causal in (False, True)
@@ -126,26 +128,29 @@ def test_gluon_fwd_long_config():
     assert not pick(256, True, 16384).lazy_rescale and not pick(128, True, 16384).lazy_rescale
     assert _shapes_ok(*_inputs((1, 4160, 4224, 2, 1, 64), torch.bfloat16, "cpu"))
     assert not _shapes_ok(*_inputs((1, 4160, 4224, 2, 1, 64), torch.bfloat16, "cpu"), causal=True)
+    assert _shapes_ok(*_inputs((1, 16448, 16512, 1, 1, 64), torch.bfloat16, "cpu"), causal=True)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_gluon_fwd_long_config_gpu(dtype, device, monkeypatch):
-    """The table's three-warpgroup config (S_q >= 4k, D = 64, non-causal) through the public API, batch 2, GQA,
-    S_q = 4160 (the first item's top warpgroup idle) against the reference, outputs poisoned."""
+def test_gluon_fwd_long_config_gpu(dtype, causal, device, monkeypatch):
+    """The table's three-warpgroup configs at D = 64 through the public API against the reference, outputs
+    poisoned: non-causal (from 4k) batch 2, GQA, S_q = 4160; causal (from 16k, the dynamic order) S_q = 16448 <
+    S_k; both with the first item's top warpgroup idle."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setenv("TRIFLASH_GLUON_FWD", "1")
-    q, k, v = _inputs((2, 4160, 4224, 2, 1, 64), dtype, device)
+    q, k, v = _inputs((1, 16448, 16512, 2, 1, 64) if causal else (2, 4160, 4224, 2, 1, 64), dtype, device)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=device)
-    assert fwd_gluon.gluon_fwd_config(64, False, q.shape[1]).consumers == 3
-    assert fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, varlen=False, causal=False, window=False, softcap=0.0,
+    assert fwd_gluon.gluon_fwd_config(64, causal, q.shape[1]).consumers == 3
+    assert fwd_gluon.gluon_fwd_eligible(q, k, v, q, lse, varlen=False, causal=causal, window=False, softcap=0.0,
                                         sink=None)  # the Gluon kernel takes it, not a fallback
 
     def fn(q, k, v):
-        return flash_attn_func(q, k, v, return_lse=True)
+        return flash_attn_func(q, k, v, return_lse=True, causal=causal)
 
-    check_against_ref(fn, dict(q=q, k=k, v=v), {}, ref_fp64=False)
+    check_against_ref(fn, dict(q=q, k=k, v=v), dict(causal=causal), ref_fp64=False)
 
 
 # The split tail (split_tail: the D = 128 non-causal config's; forced on at D = 256): (B, S_q, S_k, H, H_k, D) and

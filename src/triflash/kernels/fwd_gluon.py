@@ -93,7 +93,7 @@ class GluonFwdConfig:
     split_tail: bool = False  # non-causal, persistent: the last wave's items split by keys over every program
     lazy_rescale: bool = False  # O rescaled only when a row's max grows by more than RESCALE_THRESHOLD (_key_tiles)
     # 2, 4, 8: one score's exponential in this many by an FMA polynomial (_exp2_scores); 0: none. Off in the table:
-    # H100 2026-12-07, none / 8 / 4 / 2, D=128 16k 693/663/650/585, D=64 16k 529/510/469/415 TFLOP/s.
+    # H100 2026-12-07, none / 8 / 4 / 2, D=128 16k 693/663/650/585, D=64 16k 529/510/469/415 TFLOP/s (issue-bound).
     exp_emul: int = 0
 
     def __post_init__(self):
@@ -798,8 +798,11 @@ def _attn_fwd_gluon_kernel(
 # 16k tokens, H = 32, same process; two -> three warpgroups, cuDNN): 1k 436 -> 416 (408), 4k 455 -> 472 (439),
 # 16k 452 -> 521 (463); causal 1k 333 -> 302 (330), 4k 431 -> 417 (403), 16k 465 -> 474 (429): two kept there. At
 # 1k a 192-row tiling of 1024 rows computes 1152 (the first item's top two warpgroups idle).
+# Three at D = 64 causal from 16k: H100 2026-12-07 (eighth session, five rounds) two -> three warpgroups 4k 414 -> 411
+# (401), 8k 436 -> 443 (426), 16k 455 -> 471 (441), as the run above read at 16k.
 # Lazy rescaling at D = 128 non-causal from 16k query rows: its figures at _CONFIGS.
 _LONG_CONFIGS = {(64, False): (4096, _CONFIGS[(64, False)].with_consumers(3)),
+                 (64, True): (16384, _CONFIGS[(64, True)].with_consumers(3)),
                  (128, False): (16384, replace(_CONFIGS[(128, False)], lazy_rescale=True))}
 
 
