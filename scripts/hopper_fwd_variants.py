@@ -62,8 +62,8 @@ def _gluon_cfg(name, d, causal, s):
     next item's first GEMM overlapped with the last (``ov``/``noov``), Q buffers (``q1``/``q2``), O by TMA or
     from registers (``otma``/``noot``), consumer warpgroups (``w2``/``w3``; three: without ping-pong, overlap or a
     second Q buffer), P carried in 16 bits or fp32 (``p16``/``p32``), the split tail on or off
-    (``tail``/``notail``), lazy rescaling of O on or off (``lr``/``nolr``), one exponential in N by an FMA
-    polynomial (``eN``, 0: none) given."""
+    (``tail``/``notail``), lazy rescaling of O on or off (``lr``/``nolr``), the first warpgroup's keys trimmed at
+    its diagonal or not (``td``/``notd``), one exponential in N by an FMA polynomial (``eN``, 0: none) given."""
     cfg = fwd_gluon.gluon_fwd_config(d, causal, s)
     for part in name.split("-")[1:]:
         if part in ("pp", "nopp"):
@@ -85,6 +85,8 @@ def _gluon_cfg(name, d, causal, s):
             cfg = dataclasses.replace(cfg, split_tail=part == "tail")
         elif part in ("lr", "nolr"):
             cfg = dataclasses.replace(cfg, lazy_rescale=part == "lr")
+        elif part in ("td", "notd"):
+            cfg = dataclasses.replace(cfg, trim_diag=part == "td")
         elif part in ("w2", "w3"):
             cfg = cfg.with_consumers(int(part[1]))
         elif part.startswith("e"):

@@ -76,11 +76,12 @@ def gluon_fwd_cases(dtype):
     tiles), and persistent launches with more work items (256) than SMs: non-causal (a stride of programs; at
     D=128 two Q buffers, each next item's Q loaded a whole item ahead) and causal (each program's next item from the
     atomic counter, handed to the consumers through shared memory); O through shared memory by TMA (at D=256 in
-    two column halves)."""
+    two column halves); the causal tables' first warpgroup trimmed at its diagonal (``trim_diag``: 64-key diagonal
+    GEMMs at D = 64 and 128, items of one key tile among them; the last tile only released at D = 256)."""
     os.environ["TRIFLASH_GLUON_FWD"] = "1"
     errs = [dense(dtype, 256, 384, 4, 2, 128, 128, causal=True), dense(dtype, 128, 192, 2, 1, 256, 256, causal=True),
             dense(dtype, 2048, 2048, 16, 4, 64, 64), dense(dtype, 2048, 2048, 16, 4, 128, 128),
-            dense(dtype, 2048, 2048, 16, 4, 128, 128, causal=True)]
+            dense(dtype, 2048, 2048, 16, 4, 128, 128, causal=True), dense(dtype, 1024, 1024, 8, 8, 64, 64, causal=True)]
     errs += gluon_fwd_three_warpgroups_cases(dtype)
     errs += gluon_tail_cases(dtype)
     del os.environ["TRIFLASH_GLUON_FWD"]

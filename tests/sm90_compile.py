@@ -182,14 +182,16 @@ def compile_fwd_gluon(head_dim, causal, cfg=None):
                   WGS=cfg.consumers, P16=cfg.carries_p16, ID_SLOTS=fwd_gluon.ID_SLOTS,
                   LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs,
                   TAIL=cfg.split_tail and not causal,
-                  RESCALE_T=fwd_gluon.RESCALE_THRESHOLD if cfg.lazy_rescale else 0.0, EXP_EMUL=cfg.exp_emul)
+                  RESCALE_T=fwd_gluon.RESCALE_THRESHOLD if cfg.lazy_rescale else 0.0, EXP_EMUL=cfg.exp_emul,
+                  TRIM_DIAG=cfg.trim_diag and causal and not cfg.overlap)
     half = fwd_gluon.HALF_M
     sig = _signature(kernel, consts, counter="*i32", ws_o="*fp32", ws_lse="*fp32", q_desc=_desc_type(half, head_dim),
                      o_desc=_desc_type(half, min(head_dim, fwd_gluon.O_COLS)), k_desc=_desc_type(cfg.block_n, head_dim),
                      v_desc=_desc_type(cfg.block_n, head_dim))
     launch = AttnBwdConfig(cfg.block_m, cfg.block_n, 4, cfg.stages)
     return _build_report(kernel, sig, consts, launch, head_dim, causal, GluonASTSource) | dict(
-        consumers=cfg.consumers, tail=consts["TAIL"], lazy=cfg.lazy_rescale, exp_emul=cfg.exp_emul)
+        consumers=cfg.consumers, tail=consts["TAIL"], lazy=cfg.lazy_rescale, exp_emul=cfg.exp_emul,
+        trim_diag=consts["TRIM_DIAG"])
 
 
 def _desc_type(rows, cols, dtype=gl.bfloat16):

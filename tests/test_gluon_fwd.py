@@ -77,8 +77,11 @@ def test_compile_sm90_gluon_fwd():
     warpgroup); three consumer warpgroups (160 registers each but the first's 168) spill nothing at all. D = 128
     non-causal both with the split tail's code (the table's) and without it (the calls that do not split), and
     with lazy rescaling (its config from 16k query rows); D = 256 non-causal with lazy rescaling (the table's); D = 128
-    non-causal with one exponential in four by the FMA polynomial (``exp_emul``, inline PTX)."""
+    non-causal with one exponential in four by the FMA polynomial (``exp_emul``, inline PTX). The causal table
+    configs with the first warpgroup's keys trimmed at its diagonal (``trim_diag``: 64-key S and P V GEMMs on the
+    diagonal tile at D <= 128)."""
     reports = sm90_reports("fwd_gluon")
+    assert [r["trim_diag"] for r in reports[:8]] == [False, True] * 3 + [False, False]
     assert len(reports) == 11 and sorted(r["consumers"] for r in reports[6:8] + reports[:2]) == [2, 2, 3, 3]
     assert [(r["head_dim"], r["tail"], r["lazy"]) for r in reports[:10]
             if r["tail"] or r["lazy"] or r["head_dim"] == 128 and not r["causal"]] == [
@@ -397,6 +400,39 @@ def test_gluon_fwd_exp_emul_gpu(case, dtype, emul, device, monkeypatch):
     q, k, v = _inputs(shape, dtype, device)
     k = _lazy_keys(k, "growing-scores")
     assert fwd_gluon.gluon_fwd_config(shape[-1], spec.get("causal", False), shape[1]).exp_emul == emul
+
+    def fn(q, k, v):
+        return flash_attn_func(q, k, v, return_lse=True, **spec)
+
+    check_against_ref(fn, dict(q=q, k=k, v=v), spec, ref_fp64=False)
+
+
+def test_trim_diag_config():
+    """``trim_diag`` is for two consumer warpgroups; three drop it."""
+    with pytest.raises(ValueError, match="trim_diag"):
+        fwd_gluon.GluonFwdConfig(128, 3, persistent=True, consumers=3, trim_diag=True)
+    cfg = fwd_gluon.GluonFwdConfig(128, 3, persistent=True, trim_diag=True)
+    assert not cfg.with_consumers(3).trim_diag and cfg.with_consumers(2).trim_diag
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trim", ["on", "on-pingpong-flipped", "off"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c].get("causal")])
+def test_gluon_fwd_trim_diag_gpu(case, dtype, trim, device, monkeypatch):
+    """The first warpgroup's keys cut at its own rows' diagonal (``trim_diag``: at 128-key tiles its diagonal tile
+    64 keys wide, items of one tile included; at 64-key tiles, D = 256, the item's last tile only released, also
+    where S_k - S_q is an odd multiple of 64), on, on with ping-pong flipped from the table's (the skipped tile's
+    turn), and off, against the reference through the public API, outputs poisoned, forward and backward: every
+    causal table config."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward runs on sm_90")
+    flip = trim == "on-pingpong-flipped"
+    spec = _changed_configs(case, monkeypatch,
+                            lambda key: dict(trim_diag=trim != "off", pingpong=fwd_gluon._CONFIGS[key].pingpong ^ flip))
+    shape = spec.pop("shape")
+    q, k, v = _inputs(shape, dtype, device)
+    assert fwd_gluon.gluon_fwd_config(shape[-1], True, shape[1]).trim_diag == (trim != "off")
 
     def fn(q, k, v):
         return flash_attn_func(q, k, v, return_lse=True, **spec)

@@ -95,6 +95,9 @@ class GluonFwdConfig:
     # 2, 4, 8: one score's exponential in this many by an FMA polynomial (_exp2_scores); 0: none. Off in the table:
     # H100 2026-12-07, none / 8 / 4 / 2, D=128 16k 693/663/650/585, D=64 16k 529/510/469/415 TFLOP/s (issue-bound).
     exp_emul: int = 0
+    # Causal, two consumer warpgroups: the first one's keys end at its own last row's diagonal: at 128-key tiles its
+    # diagonal tile's S GEMM and P V over the first 64 keys, at 64-key tiles the item's last tile left out.
+    trim_diag: bool = False
 
     def __post_init__(self):
         if self.dynamic and not self.persistent:
@@ -105,6 +108,8 @@ class GluonFwdConfig:
             raise ValueError("GluonFwdConfig: consumers is 2 or 3, and 3 without ping-pong, with one Q buffer")
         if self.exp_emul not in (0, 2, 4, 8):
             raise ValueError("GluonFwdConfig: exp_emul is 0, 2, 4 or 8")
+        if self.trim_diag and self.consumers != 2:
+            raise ValueError("GluonFwdConfig: trim_diag is for two consumer warpgroups")
         if self.split_tail and (not self.persistent or self.dynamic or self.consumers != 2):
             raise ValueError("GluonFwdConfig: split_tail is a static persistent schedule's, two consumer warpgroups")
 
@@ -126,7 +131,8 @@ class GluonFwdConfig:
     def with_consumers(self, consumers):
         """This config with ``consumers`` warpgroups; three drop ping-pong, the overlap, the second Q buffer and
         the split tail."""
-        three = dict(pingpong=False, overlap=False, q_buffers=1, split_tail=False) if consumers == 3 else {}
+        three = dict(pingpong=False, overlap=False, q_buffers=1, split_tail=False, trim_diag=False) if consumers == 3 \
+            else {}
         return replace(self, consumers=consumers, **three)
 
 
@@ -203,13 +209,18 @@ class GluonFwdConfig:
 #         623 -> 662, 629 -> 625: within the runs' spread, not taken.
 #   D=64 1k / 16k non-causal 433 -> 414, 526 -> 503; causal 329 -> 315, 465 -> 452: not taken (32 multiplies a
 #         thread per tile to save, fewer than the flag's reduction costs).
+# The first warpgroup's keys trimmed at its diagonal (trim_diag), H100 2026-12-07, scripts/hopper_fwd_variants.py,
+# causal, off -> on, TFLOP/s (cuDNN), docs/results/fwd-variants-h100-2026-12-07-trim-diag-*.jsonl:
+#   D=64 (5 rounds) 1k 326 -> 330 (332), 2k 386 -> 391 (380), 4k 419 -> 425 (407)
+#   D=128 (3 rounds) 1k 445 -> 455 (416), 4k 571 -> 581 (522), 16k 641 -> 659 (589)
+#   D=256 (3 rounds) 1k 473 -> 488 (433), 4k 625 -> 628 (552), 16k 662 -> 668 (611): taken at every head dim.
 _CONFIGS = {
     (64, False): GluonFwdConfig(128, 3, persistent=True),
-    (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True),
+    (64, True): GluonFwdConfig(128, 3, persistent=True, dynamic=True, trim_diag=True),
     (128, False): GluonFwdConfig(128, 2, persistent=True, overlap=True, q_buffers=2, p16=True, split_tail=True),
-    (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True, p16=True),
+    (128, True): GluonFwdConfig(128, 2, pingpong=True, persistent=True, dynamic=True, p16=True, trim_diag=True),
     (256, False): GluonFwdConfig(64, 2, persistent=True, lazy_rescale=True),
-    (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True),
+    (256, True): GluonFwdConfig(64, 2, persistent=True, dynamic=True, trim_diag=True),
 }
 
 
@@ -333,12 +344,28 @@ def _fwd_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
         i += 1
 
 
+@gluon.constexpr_function
+def _scores_layout(n):
+    """A consumer warpgroup's wgmma accumulator layout, 64 rows by ``n`` columns."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
 @gluon.jit
-def _masked_scores(x, j, first_row, BLOCK_N: gl.constexpr):
-    """Causal: key ``j * BLOCK_N + c`` is visible to row r of the warpgroup iff it is <= r + first_row."""
+def _key_rows(ring, s, n: gl.constexpr):
+    """Slot ``s`` of a K or V ring, its first ``n`` keys (all but under ``trim_diag``, ``_trimmed_tiles``)."""
+    tile = ring.index(s)
+    if n < ring.shape[1]:
+        tile = tile.slice(0, n)
+    return tile
+
+
+@gluon.jit
+def _masked_scores(x, k0, first_row):
+    """Causal: key ``k0 + c`` (column c of the scores ``x``) is visible to row r of the warpgroup iff it is
+    <= r + first_row."""
     layout: gl.constexpr = x.type.layout
     rows = gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))
-    keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    keys = k0 + gl.arange(0, x.shape[1], layout=gl.SliceLayout(0, layout))
     return gl.where(keys[None, :] <= (rows + first_row)[:, None], x, float("-inf"))
 
 
@@ -384,27 +411,28 @@ def _exp2_scores(z, EXP_EMUL: gl.constexpr):
 
 @gluon.jit
 def _first_tile(q_view, k_smem, k_ready, k_empty, q_free, it, n_tiles, n_free, first_row, zero_s, qk_scale,
-                STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, P16: gl.constexpr):
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr, P16: gl.constexpr):
     """An item's first key tile (ring position ``it``), its GEMM alone: the scores' running max and sum and P.
-    ``q_free``: Q's barrier, released here when this is the item's only tile."""
+    ``q_free``: Q's barrier, released here when this is the item's only tile. The scores are as wide as
+    ``zero_s``: the K tile's first keys only where that is narrower (``_diag_only``)."""
     s = it % STAGES
     mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
-    x = warpgroup_mma(q_view, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    x = warpgroup_mma(q_view, _key_rows(k_smem, s, zero_s.shape[1]).permute((1, 0)), zero_s, use_acc=False,
+                      is_async=True)
     x = warpgroup_mma_wait(0, deps=[x])
     mbarrier.arrive(k_empty.index(s))
     if n_tiles == 1:
         mbarrier.arrive(q_free)
-    return _first_softmax(x, n_free, first_row, qk_scale, q_view.dtype, BLOCK_N, CAUSAL, P16)
+    return _first_softmax(x, n_free, first_row, qk_scale, q_view.dtype, CAUSAL, P16)
 
 
 @gluon.jit
-def _first_softmax(x, n_free, first_row, qk_scale, dtype: gl.constexpr, BLOCK_N: gl.constexpr,
-                   CAUSAL: gl.constexpr, P16: gl.constexpr):
+def _first_softmax(x, n_free, first_row, qk_scale, dtype: gl.constexpr, CAUSAL: gl.constexpr, P16: gl.constexpr):
     """Running max, sum and P of an item's first key tile's scores ``x``; ``P16``: P in ``dtype`` (the P V
     GEMM's), which the key-tile loop then carries in 16 bits (``_key_tiles``)."""
     if CAUSAL:
         if n_free == 0:
-            x = _masked_scores(x, 0, first_row, BLOCK_N)
+            x = _masked_scores(x, 0, first_row)
     m_i = gl.max(x, 1) * qk_scale
     p = gl.exp2(x * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
@@ -414,68 +442,85 @@ def _first_softmax(x, n_free, first_row, qk_scale, dtype: gl.constexpr, BLOCK_N:
 
 
 @gluon.jit
-def _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it, n_tiles, n_free,
-               first_row, m_i, l_i, p, acc, zero_s, qk_scale, p_layout: gl.constexpr, STAGES: gl.constexpr,
+def _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it, n_tiles, q_last,
+               n_free, first_row, m_i, l_i, p, acc, zero_s, qk_scale, p_layout: gl.constexpr, STAGES: gl.constexpr,
                BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
                RESCALE_T: gl.constexpr, EXP_EMUL: gl.constexpr):
-    """Key tiles 1 .. n_tiles - 1 of an item whose tile 0 is ring position ``it``: S of tile j and O += P V of
-    tile j - 1 on the tensor cores together, the softmax of tile j while P V runs. ``PINGPONG``: the warpgroups
-    issue their GEMMs by turns. ``RESCALE_T`` > 0 (lazy rescaling): a row keeps its running max until a tile's
-    exceeds it by more than ``RESCALE_T`` (log2 units), and O is rescaled only at the steps where some row of the
-    warpgroup moved (exact either way: O and the sum share the max they were taken with). Returns the softmax
-    state and O before the last tile's P V."""
-    o_layout: gl.constexpr = acc.type.layout
-    dtype: gl.constexpr = q_view.dtype
-    P16: gl.constexpr = p.dtype == dtype  # as _first_softmax made it
+    """Key tiles 1 .. n_tiles - 1 of an item whose tile 0 is ring position ``it`` (``_key_step``); Q released
+    after tile ``q_last``'s S GEMM. Returns the softmax state and O before the last tile's P V."""
+    P16: gl.constexpr = p.dtype == q_view.dtype  # as _first_softmax made it
     for j in range(1, n_tiles):
-        cur = it + j
-        s = cur % STAGES
-        prev = (cur - 1) % STAGES
-        p16 = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(k_ready.index(s), (cur // STAGES) & 1)
-        mbarrier.wait(v_ready.index(prev), ((cur - 1) // STAGES) & 1)
-        if PINGPONG:
-            mbarrier.wait(turn.index(WG), ((cur - 1) & 1) ^ (1 - WG))
-        x = warpgroup_mma(q_view, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - WG))
-        x = warpgroup_mma_wait(1, deps=[x])
-        mbarrier.arrive(k_empty.index(s))
-        if j == n_tiles - 1:  # the last S GEMM has read Q: the producer may load an item into its buffer
-            mbarrier.arrive(q_free)
-        if CAUSAL:
-            if j >= n_free:
-                x = _masked_scores(x, j, first_row, BLOCK_N)
-        m_tile = gl.max(x, 1) * qk_scale
-        if RESCALE_T > 0:  # a row's max moves only when it grows by more than RESCALE_T (P stays <= 2^RESCALE_T)
-            m_new = gl.where(m_tile > m_i + RESCALE_T, m_tile, m_i)
-            moved = gl.max((m_new > m_i).to(gl.int32), 0)  # any row of the warpgroup: one branch for all
-        else:
-            m_new = gl.maximum(m_i, m_tile)
-            moved = 1  # a constant: the branch below folds away
-        alpha = gl.exp2(m_i - m_new)
-        p = _exp2_scores(x * qk_scale - m_new[:, None], EXP_EMUL)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        if P16:  # carried to the next step in 16 bits: 32 registers a thread instead of 64
-            p = p.to(dtype)
-        m_i = m_new
-        acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
-        mbarrier.arrive(v_empty.index(prev))
-        if moved > 0:
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        m_i, l_i, p, acc = _key_step(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn,
+                                     it + j, j, q_last, n_free, first_row, m_i, l_i, p, acc, zero_s, qk_scale,
+                                     p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG, RESCALE_T, EXP_EMUL, P16)
+    return m_i, l_i, p, acc
+
+
+@gluon.jit
+def _key_step(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, cur, j, q_last, n_free,
+              first_row, m_i, l_i, p, acc, zero_s, qk_scale, p_layout: gl.constexpr, STAGES: gl.constexpr,
+              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
+              RESCALE_T: gl.constexpr, EXP_EMUL: gl.constexpr, P16: gl.constexpr):
+    """Key tile ``j`` of an item (ring position ``cur``): its S GEMM and O += P V of tile j - 1 on the tensor
+    cores together, the softmax of tile j while P V runs; Q released (``q_free``) if ``j == q_last``.
+    ``PINGPONG``: the warpgroups issue their GEMMs by turns. ``RESCALE_T`` > 0 (lazy rescaling): a row keeps its
+    running max until a tile's exceeds it by more than ``RESCALE_T`` (log2 units), and O is rescaled only at the
+    steps where some row of the warpgroup moved (exact either way: O and the sum share the max they were taken
+    with). The scores are as wide as ``zero_s``: the K tile's first keys only where that is narrower
+    (``_trimmed_tiles``; the row statistics stay in the layout they came in)."""
+    o_layout: gl.constexpr = acc.type.layout
+    row_layout: gl.constexpr = m_i.type.layout
+    x_rows: gl.constexpr = gl.SliceLayout(1, zero_s.type.layout)
+    dtype: gl.constexpr = q_view.dtype
+    s = cur % STAGES
+    prev = (cur - 1) % STAGES
+    p16 = gl.convert_layout(p.to(dtype), p_layout)
+    mbarrier.wait(k_ready.index(s), (cur // STAGES) & 1)
+    mbarrier.wait(v_ready.index(prev), ((cur - 1) // STAGES) & 1)
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), ((cur - 1) & 1) ^ (1 - WG))
+    x = warpgroup_mma(q_view, _key_rows(k_smem, s, zero_s.shape[1]).permute((1, 0)), zero_s, use_acc=False,
+                      is_async=True)
+    acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+    x = warpgroup_mma_wait(1, deps=[x])
+    mbarrier.arrive(k_empty.index(s))
+    if j == q_last:  # the item's last S GEMM has read Q: the producer may load an item into its buffer
+        mbarrier.arrive(q_free)
+    if CAUSAL:
+        if j >= n_free:
+            x = _masked_scores(x, j * BLOCK_N, first_row)
+    m_tile = gl.convert_layout(gl.max(x, 1), row_layout) * qk_scale
+    if RESCALE_T > 0:  # a row's max moves only when it grows by more than RESCALE_T (P stays <= 2^RESCALE_T)
+        m_new = gl.where(m_tile > m_i + RESCALE_T, m_tile, m_i)
+        moved = gl.max((m_new > m_i).to(gl.int32), 0)  # any row of the warpgroup: one branch for all
+    else:
+        m_new = gl.maximum(m_i, m_tile)
+        moved = 1  # a constant: the branch below folds away
+    alpha = gl.exp2(m_i - m_new)
+    p = _exp2_scores(x * qk_scale - gl.convert_layout(m_new, x_rows)[:, None], EXP_EMUL)
+    l_i = l_i * alpha + gl.convert_layout(gl.sum(p, 1), row_layout)
+    if P16:  # carried to the next step in 16 bits: 32 registers a thread instead of 64
+        p = p.to(dtype)
+    m_i = m_new
+    acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
+    mbarrier.arrive(v_empty.index(prev))
+    if moved > 0:
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     return m_i, l_i, p, acc
 
 
 @gluon.jit
 def _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout: gl.constexpr, STAGES: gl.constexpr,
              WG: gl.constexpr, PINGPONG: gl.constexpr):
-    """O += P V of an item's last key tile (ring position ``last``), alone."""
+    """O += P V of an item's last key tile (ring position ``last``), alone; over the tile's first keys only where
+    P is narrower (``_trimmed_tiles``)."""
     p16 = gl.convert_layout(p.to(v_smem.dtype), p_layout)
     mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), (last & 1) ^ (1 - WG))
-    acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
+    acc = warpgroup_mma(p16, _key_rows(v_smem, last % STAGES, p.shape[1]), acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
     acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
@@ -561,25 +606,107 @@ def _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_free, k_ready, v_read
                   o_layout: gl.constexpr, p_layout: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
                   CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
                   O_TMA: gl.constexpr, P16: gl.constexpr, TAIL: gl.constexpr, RESCALE_T: gl.constexpr,
-                  EXP_EMUL: gl.constexpr):
+                  EXP_EMUL: gl.constexpr, TRIM: gl.constexpr):
     """A consumer warpgroup's rows (``row0`` on) of the program's ``i``-th work item ``t``, whose first key tile
     is ring position ``it``: the first tile's GEMM alone, then two GEMMs in flight per step (``_key_tiles``),
-    the last P V alone, O and the LSE out. Returns the program's next item."""
+    the last P V alone, O and the LSE out. ``TRIM`` (causal, the first of two warpgroups, whose rows end 64 above
+    the item's diagonal): its keys end at its own last row: the item's last 64 keys, wholly masked for it, are
+    left out (``_trimmed_tiles``, ``_diag_only``; at 64-key tiles the last tile is only released,
+    ``_pass_tile``). Returns the program's next item."""
     QB: gl.constexpr = q_bar.shape[0]
     HALF: gl.constexpr = q_view.shape[0]
     HEAD_DIM_V: gl.constexpr = v_smem.shape[2]
+    first_row = row0 + off
     mbarrier.wait(q_bar.index(i % QB), (i // QB) & 1)
-    m_i, l_i, p = _first_tile(q_view, k_smem, k_ready, k_empty, q_free, it, n_tiles, n_free, row0 + off, zero_s,
-                              qk_scale, STAGES, BLOCK_N, CAUSAL, P16)
-    acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
-    m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it,
-                                  n_tiles, n_free, row0 + off, m_i, l_i, p, acc, zero_s, qk_scale, p_layout, STAGES,
-                                  BLOCK_N, CAUSAL, WG, PINGPONG, RESCALE_T, EXP_EMUL)
-    t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
-    acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, it + n_tiles - 1, p_layout, STAGES, WG, PINGPONG)
+    if TRIM and BLOCK_N == 2 * HALF:
+        if n_tiles == 1:
+            m_i, l_i, acc, t_next = _diag_only(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free,
+                                               turn, ids, id_ready, id_empty, t, i, it, n_free, first_row, qk_scale,
+                                               s_layout, o_layout, p_layout, STAGES, CAUSAL, DYNAMIC, WG, PINGPONG,
+                                               P16)
+        else:
+            m_i, l_i, acc, t_next = _trimmed_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                                   q_free, turn, ids, id_ready, id_empty, t, i, it, n_tiles, n_free,
+                                                   first_row, zero_s, qk_scale, o_layout, p_layout, STAGES, BLOCK_N,
+                                                   CAUSAL, DYNAMIC, WG, PINGPONG, P16, RESCALE_T, EXP_EMUL)
+    else:
+        n_mine = n_tiles - 1 if TRIM else n_tiles  # TRIM at 64-key tiles: every tile but the last
+        m_i, l_i, p = _first_tile(q_view, k_smem, k_ready, k_empty, q_free, it, n_mine, n_free, first_row, zero_s,
+                                  qk_scale, STAGES, CAUSAL, P16)
+        acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
+        m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it,
+                                      n_mine, n_mine - 1, n_free, first_row, m_i, l_i, p, acc, zero_s, qk_scale,
+                                      p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG, RESCALE_T, EXP_EMUL)
+        t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
+        acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, it + n_mine - 1, p_layout, STAGES, WG, PINGPONG)
+        if TRIM:
+            _pass_tile(k_ready, v_ready, k_empty, v_empty, turn, it + n_tiles - 1, STAGES, WG, PINGPONG)
     _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
                   stride_lh, part, ws, s_layout, q_view.dtype, O_TMA, TAIL)
     return t_next
+
+
+@gluon.jit
+def _trimmed_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, ids, id_ready,
+                   id_empty, t, i, it, n_tiles, n_free, first_row, zero_s, qk_scale, o_layout: gl.constexpr,
+                   p_layout: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                   DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr, P16: gl.constexpr,
+                   RESCALE_T: gl.constexpr, EXP_EMUL: gl.constexpr):
+    """``_consume_item``'s steps for the first of two warpgroups of a causal item of ``n_tiles`` >= 2 key tiles
+    of 128 keys, whose last (diagonal) tile it needs only the first 64 keys of: that tile's S GEMM 64 keys wide
+    (wgmma N = 64) and its P V over those keys (K = 64), half the GEMMs, exponentials and masking of the tile.
+    Returns the softmax state, O before the epilogue and the program's next item."""
+    HALF: gl.constexpr = q_view.shape[0]
+    HEAD_DIM_V: gl.constexpr = v_smem.shape[2]
+    zero_d = gl.zeros([HALF, HALF], gl.float32, _scores_layout(HALF))
+    m_i, l_i, p = _first_tile(q_view, k_smem, k_ready, k_empty, q_free, it, n_tiles, n_free, first_row, zero_s,
+                              qk_scale, STAGES, CAUSAL, P16)
+    acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
+    m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, it,
+                                  n_tiles - 1, n_tiles - 1, n_free, first_row, m_i, l_i, p, acc, zero_s, qk_scale,
+                                  p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG, RESCALE_T, EXP_EMUL)
+    last = it + n_tiles - 1
+    m_i, l_i, p, acc = _key_step(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, last,
+                                 n_tiles - 1, n_tiles - 1, n_free, first_row, m_i, l_i, p, acc, zero_d, qk_scale,
+                                 p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG, RESCALE_T, EXP_EMUL, P16)
+    t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
+    acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, last, p_layout, STAGES, WG, PINGPONG)
+    return m_i, l_i, acc, t_next
+
+
+@gluon.jit
+def _diag_only(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_free, turn, ids, id_ready, id_empty,
+               t, i, it, n_free, first_row, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
+               p_layout: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
+               WG: gl.constexpr, PINGPONG: gl.constexpr, P16: gl.constexpr):
+    """``_trimmed_tiles`` for an item of one key tile (the diagonal): its S GEMM and P V over the tile's first 64
+    keys. Returns the softmax state (in ``s_layout``'s rows), O and the program's next item."""
+    HALF: gl.constexpr = q_view.shape[0]
+    HEAD_DIM_V: gl.constexpr = v_smem.shape[2]
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    zero_d = gl.zeros([HALF, HALF], gl.float32, _scores_layout(HALF))
+    m_i, l_i, p = _first_tile(q_view, k_smem, k_ready, k_empty, q_free, it, 1, n_free,
+                              first_row, zero_d, qk_scale, STAGES, CAUSAL, P16)
+    acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
+    t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
+    acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, it, p_layout, STAGES, WG, PINGPONG)
+    return gl.convert_layout(m_i, rows), gl.convert_layout(l_i, rows), acc, t_next
+
+
+@gluon.jit
+def _pass_tile(k_ready, v_ready, k_empty, v_empty, turn, cur, STAGES: gl.constexpr, WG: gl.constexpr,
+               PINGPONG: gl.constexpr):
+    """A key tile (ring position ``cur``) this warpgroup does not read: its K and V released as they arrive
+    (each after its ready barrier, so that no release runs a phase ahead) and, ``PINGPONG``, its turn taken and
+    handed on."""
+    s = cur % STAGES
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (cur & 1) ^ (1 - WG))
+        mbarrier.arrive(turn.index(1 - WG))
+    mbarrier.wait(k_ready.index(s), (cur // STAGES) & 1)
+    mbarrier.arrive(k_empty.index(s))
+    mbarrier.wait(v_ready.index(s), (cur // STAGES) & 1)
+    mbarrier.arrive(v_empty.index(s))
 
 
 @gluon.jit
@@ -587,18 +714,12 @@ def _idle_item(q_bar, q_free, k_ready, v_ready, k_empty, v_empty, ids, id_ready,
                STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
     """A consumer warpgroup with no rows in the program's ``i``-th work item ``t`` (the top warpgroups of a
     ragged first query tile, ``_tile``): its part of the item's hand-overs without the GEMMs, Q and every key
-    tile's K and V released as they arrive (each after its ready barrier, so that no release runs a phase
-    ahead). Returns the program's next item."""
+    tile's K and V released as they arrive (``_pass_tile``). Returns the program's next item."""
     QB: gl.constexpr = q_bar.shape[0]
     mbarrier.wait(q_bar.index(i % QB), (i // QB) & 1)
     mbarrier.arrive(q_free)
     for j in range(n_tiles):
-        cur = it + j
-        s = cur % STAGES
-        mbarrier.wait(k_ready.index(s), (cur // STAGES) & 1)
-        mbarrier.arrive(k_empty.index(s))
-        mbarrier.wait(v_ready.index(s), (cur // STAGES) & 1)
-        mbarrier.arrive(v_empty.index(s))
+        _pass_tile(k_ready, v_ready, k_empty, v_empty, k_ready, it + j, STAGES, 0, False)
     return _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
 
 
@@ -606,7 +727,7 @@ def _idle_item(q_bar, q_free, k_ready, v_ready, k_empty, v_empty, ids, id_ready,
 def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
                  OVERLAP: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr,
-                 TAIL: gl.constexpr, RESCALE_T: gl.constexpr, EXP_EMUL: gl.constexpr):
+                 TAIL: gl.constexpr, RESCALE_T: gl.constexpr, EXP_EMUL: gl.constexpr, TRIM: gl.constexpr):
     """One consumer warpgroup (``WG`` of ``WGS``): per work item, its 64 query rows (Q piece ``WGS * buffer +
     WG``) against every key tile, two GEMMs in flight per step (``_consume_item``). ``PINGPONG``: the warpgroups
     issue their GEMMs by turns (``turn``: warpgroup w waits on its barrier before issuing, then arrives on the
@@ -614,18 +735,17 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
     buffers): the next item's first S GEMM goes to the tensor cores with this item's last P V, and its softmax
     runs while that P V does, instead of each running alone. Three warpgroups: a warpgroup whose rows of a ragged
     first tile lie above row 0 sits the item out (``_idle_item``). ``TAIL``: the split tail's pieces
-    (``_tail_piece``) go to the workspace. ``shared``: the buffers, barriers, descriptors and sizes every
-    consumer warpgroup takes, packed once by the kernel."""
+    (``_tail_piece``) go to the workspace. ``TRIM``: the warpgroup's keys end at its own last row's diagonal
+    (``_consume_item``; the first of two, causal, without the overlap). ``shared``: the buffers, barriers,
+    descriptors and sizes every consumer warpgroup takes, packed once by the kernel."""
     (q_smem, k_smem, v_smem, o_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, ids, id_ready, id_empty,
      o_desc, o_ptr, lse_ptr, stride_os, stride_lb, stride_lh, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
      seqlen_k, section, qk_scale, tail, ws) = shared
     HALF: gl.constexpr = q_smem.shape[1]
     QB: gl.constexpr = q_bar.shape[0]
     dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM_V, 16])
+    s_layout: gl.constexpr = _scores_layout(BLOCK_N)
+    o_layout: gl.constexpr = _scores_layout(HEAD_DIM_V)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
     o_view = o_smem.index(WG if O_TMA else 0)
@@ -640,7 +760,7 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
             TAIL)
         mbarrier.wait(q_bar.index(0), 0)
         m_i, l_i, p = _first_tile(q_smem.index(WG), k_smem, k_ready, k_empty, q_empty.index(0), 0, n_tiles,
-                                  n_free, m_start + WG * HALF + off, zero_s, qk_scale, STAGES, BLOCK_N, CAUSAL, P16)
+                                  n_free, m_start + WG * HALF + off, zero_s, qk_scale, STAGES, CAUSAL, P16)
     while t < total:
         m_start, b, h, hk, n_tiles, n_free, k_first, part = _tile(
             t, tiles_m, n_bh, nheads, group_size, seqlen_q, seqlen_k, section, tail, WGS * HALF, BLOCK_N, CAUSAL,
@@ -651,9 +771,9 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
         if OVERLAP:
             acc = gl.zeros([HALF, HEAD_DIM_V], gl.float32, o_layout)
             m_i, l_i, p, acc = _key_tiles(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                          q_empty.index(qb), turn, it, n_tiles, n_free, row0 + off, m_i, l_i, p, acc,
-                                          zero_s, qk_scale, p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG,
-                                          RESCALE_T, EXP_EMUL)
+                                          q_empty.index(qb), turn, it, n_tiles, n_tiles - 1, n_free, row0 + off, m_i,
+                                          l_i, p, acc, zero_s, qk_scale, p_layout, STAGES, BLOCK_N, CAUSAL, WG,
+                                          PINGPONG, RESCALE_T, EXP_EMUL)
             last = it + n_tiles - 1
             t_next = _skip_empty(_next_item(t, i, ids, id_ready, id_empty, DYNAMIC), tail, n_full, total, TAIL)
             if t_next < total:
@@ -678,8 +798,7 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
                 mbarrier.arrive(k_empty.index(nxt % STAGES))
                 if n_tiles_2 == 1:
                     mbarrier.arrive(q_empty.index(qn))
-                m_n, l_n, p_n = _first_softmax(x, n_free_2, m_2 + WG * HALF + off, qk_scale, dtype, BLOCK_N,
-                                               CAUSAL, P16)
+                m_n, l_n, p_n = _first_softmax(x, n_free_2, m_2 + WG * HALF + off, qk_scale, dtype, CAUSAL, P16)
                 acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
                 mbarrier.arrive(v_empty.index(last % STAGES))
             else:
@@ -696,7 +815,8 @@ def _fwd_consume(shared, HEAD_DIM_V: gl.constexpr, BLOCK_N: gl.constexpr, STAGES
                                    k_empty, v_empty, turn, ids, id_ready, id_empty, o_desc, o_ptr, lse_ptr,
                                    stride_os, stride_lb, stride_lh, t, i, it, n_tiles, n_free, b, h, row0, off,
                                    seqlen_q, zero_s, qk_scale, part, ws, s_layout, o_layout, p_layout, STAGES,
-                                   BLOCK_N, CAUSAL, DYNAMIC, WG, PINGPONG, O_TMA, P16, TAIL, RESCALE_T, EXP_EMUL)
+                                   BLOCK_N, CAUSAL, DYNAMIC, WG, PINGPONG, O_TMA, P16, TAIL, RESCALE_T, EXP_EMUL,
+                                   TRIM)
             t_next = _skip_empty(t_next, tail, n_full, total, TAIL)
         it += n_tiles
         t = t_next
@@ -713,12 +833,13 @@ def _attn_fwd_gluon_kernel(
     CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
     QB: gl.constexpr, O_TMA: gl.constexpr, WGS: gl.constexpr, P16: gl.constexpr, ID_SLOTS: gl.constexpr,
     LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, TAIL: gl.constexpr, RESCALE_T: gl.constexpr,
-    EXP_EMUL: gl.constexpr,
+    EXP_EMUL: gl.constexpr, TRIM_DIAG: gl.constexpr,
 ):
     """O and LSE of ``WGS`` x 64 query rows of one head per work item (``_tile``); a program takes items
     ``program_id, program_id + num_programs, ...`` (one each when the grid covers them all; persistent when
     it has one program per SM). ``TAIL``: the items from ``tail0`` on, too few for a whole wave, split by keys over
-    every program (``_tail_piece``), the pieces written to the workspace ``ws_o`` / ``ws_lse``."""
+    every program (``_tail_piece``), the pieces written to the workspace ``ws_o`` / ``ws_lse``. ``TRIM_DIAG``: the
+    first consumer warpgroup leaves out the item's last 64 keys (``_consume_item``)."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     if WGS == 3:  # the first tile may be ragged (_tile)
         tiles_m = (seqlen_q + WGS * HALF - 1) // (WGS * HALF)
@@ -772,11 +893,11 @@ def _attn_fwd_gluon_kernel(
     if WGS == 3:
         gl.warp_specialize([
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL, RESCALE_T, EXP_EMUL)),
+                            P16, TAIL, RESCALE_T, EXP_EMUL, TRIM_DIAG)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL, RESCALE_T, EXP_EMUL)),
+                            P16, TAIL, RESCALE_T, EXP_EMUL, False)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 2, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL, RESCALE_T, EXP_EMUL)),
+                            P16, TAIL, RESCALE_T, EXP_EMUL, False)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
                          seqlen_k, section, tail, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, TAIL)),
@@ -784,9 +905,9 @@ def _attn_fwd_gluon_kernel(
     else:
         gl.warp_specialize([
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 0, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL, RESCALE_T, EXP_EMUL)),
+                            P16, TAIL, RESCALE_T, EXP_EMUL, TRIM_DIAG)),
             (_fwd_consume, (shared, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, 1, PINGPONG, OVERLAP, O_TMA, WGS,
-                            P16, TAIL, RESCALE_T, EXP_EMUL)),
+                            P16, TAIL, RESCALE_T, EXP_EMUL, False)),
             (_fwd_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, ids, id_ready, id_empty, counter, total, tiles_m, n_bh, nheads, group_size, seqlen_q,
                          seqlen_k, section, tail, HEAD_DIM, HEAD_DIM_V, BLOCK_N, STAGES, CAUSAL, DYNAMIC, TAIL)),
@@ -883,7 +1004,8 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
         STAGES=cfg.stages, CAUSAL=causal, DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong,
         OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma, WGS=cfg.consumers, P16=cfg.carries_p16,
         LOADER_REGS=LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs, TAIL=tail0 < tiles,
-        RESCALE_T=RESCALE_THRESHOLD if cfg.lazy_rescale else 0.0, EXP_EMUL=cfg.exp_emul, num_warps=4,
+        RESCALE_T=RESCALE_THRESHOLD if cfg.lazy_rescale else 0.0, EXP_EMUL=cfg.exp_emul,
+        TRIM_DIAG=cfg.trim_diag and causal and not cfg.overlap, num_warps=4,
     )
     if tail0 < tiles:
         attn_tail_combine(ws_o, ws_lse, out, lse, tail0=tail0, n_items=tiles, n_tiles=n_tiles, nprog=grid[0],
