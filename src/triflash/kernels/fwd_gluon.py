@@ -18,7 +18,12 @@ consumers through shared memory. Three partitions:
   ``consumers=3`` (D = 64; FlashAttention-3's 192-row tile there): three consumer warpgroups of 160 registers
   (P carried between key tiles in 16 bits, ``p16``), 192-row items ending at the last query row, so that
   ``S_q`` need only be a multiple of 64; the top warpgroups of a ragged first item only release its buffers.
-  The launcher's config at D = 64 non-causal from 4k query rows (``_LONG_CONFIGS``; docs/performance.md).
+  The launcher's config at D = 64 non-causal from 4k query rows and causal from 16k (``_LONG_CONFIGS``;
+  docs/performance.md).
+- ``trim_diag`` (causal, two consumer warpgroups; the table's): the first warpgroup's rows end 64 above the item's
+  diagonal, so it leaves the item's last 64 keys out: at 128-key tiles its diagonal tile's S GEMM and P V run 64
+  keys wide (``_trimmed_tiles``, ``_diag_only``), at 64-key tiles (D = 256) it only releases the last tile
+  (``_pass_tile``).
 - ``split_tail`` (D = 128 non-causal, runs of ``TAIL_MIN_TILES_FWD`` key tiles and more): the last wave's items,
   fewer than the programs, cut by keys into one run per program (``bwd_gluon._tail_piece``), each piece's O (fp32,
   over its keys) and LSE into a workspace, merged after the kernel (``combine.attn_tail_combine``).
