@@ -182,8 +182,7 @@ def compile_fwd_gluon(head_dim, causal, cfg=None):
                   WGS=cfg.consumers, P16=cfg.carries_p16, ID_SLOTS=fwd_gluon.ID_SLOTS,
                   LOADER_REGS=fwd_gluon.LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs,
                   TAIL=cfg.split_tail and not causal,
-                  RESCALE_T=fwd_gluon.RESCALE_THRESHOLD if cfg.lazy_rescale else 0.0, EXP_EMUL=cfg.exp_emul,
-                  TRIM_DIAG=cfg.trim_diag and causal and not cfg.overlap)
+                  RESCALE_T=cfg.rescale_t, EXP_EMUL=cfg.exp_emul, TRIM_DIAG=cfg.trims(causal))
     half = fwd_gluon.HALF_M
     sig = _signature(kernel, consts, counter="*i32", ws_o="*fp32", ws_lse="*fp32", q_desc=_desc_type(half, head_dim),
                      o_desc=_desc_type(half, min(head_dim, fwd_gluon.O_COLS)), k_desc=_desc_type(cfg.block_n, head_dim),

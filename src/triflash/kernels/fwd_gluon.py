@@ -97,7 +97,8 @@ class GluonFwdConfig:
     p16: bool = False  # P carried between key tiles in 16 bits, not fp32 (always with three consumer warpgroups)
     split_tail: bool = False  # non-causal, persistent: the last wave's items split by keys over every program
     lazy_rescale: bool = False  # O rescaled only when a row's max grows by more than RESCALE_THRESHOLD (_key_tiles)
-    # 2, 4, 8: one score's exponential in this many by an FMA polynomial (_exp2_scores); 0: none. Off in the table:
+    # 2, 4, 8: one score's exponential in this many by an FMA polynomial (_exp2_scores; the key-tile loop's steps,
+    # not an item's first tile, whose softmax runs alone); 0: none. Off in the table:
     # H100 2026-12-07, none / 8 / 4 / 2, D=128 16k 693/663/650/585, D=64 16k 529/510/469/415 TFLOP/s (issue-bound).
     exp_emul: int = 0
     # Causal, two consumer warpgroups: the first one's keys end at its own last row's diagonal: at 128-key tiles its
@@ -133,12 +134,21 @@ class GluonFwdConfig:
         """A worker consumer warpgroup's register budget."""
         return CONSUMER_REGS if self.consumers == 2 else CONSUMER_REGS_3
 
+    @property
+    def rescale_t(self):
+        """The kernel's ``RESCALE_T``: ``RESCALE_THRESHOLD`` with lazy rescaling, else 0 (every step rescales)."""
+        return RESCALE_THRESHOLD if self.lazy_rescale else 0.0
+
+    def trims(self, causal):
+        """The kernel's ``TRIM_DIAG``: ``trim_diag`` where it applies, causal and without the overlap (whose
+        items' first GEMMs go with the previous item's last)."""
+        return self.trim_diag and causal and not self.overlap
+
     def with_consumers(self, consumers):
-        """This config with ``consumers`` warpgroups; three drop ping-pong, the overlap, the second Q buffer and
-        the split tail."""
-        three = dict(pingpong=False, overlap=False, q_buffers=1, split_tail=False, trim_diag=False) if consumers == 3 \
-            else {}
-        return replace(self, consumers=consumers, **three)
+        """This config with ``consumers`` warpgroups; three drop ping-pong, the overlap, the second Q buffer, the
+        split tail and the diagonal trim."""
+        three = dict(pingpong=False, overlap=False, q_buffers=1, split_tail=False, trim_diag=False)
+        return replace(self, consumers=consumers, **(three if consumers == 3 else {}))
 
 
 # (head dim, causal) -> tile config. Shared memory: Q 2 x 64 x D, K and V STAGES x BLOCK_N x D each (bf16).
@@ -644,8 +654,12 @@ def _consume_item(q_view, k_smem, v_smem, o_view, q_bar, q_free, k_ready, v_read
                                       p_layout, STAGES, BLOCK_N, CAUSAL, WG, PINGPONG, RESCALE_T, EXP_EMUL)
         t_next = _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
         acc = _last_pv(p, acc, v_smem, v_ready, v_empty, turn, it + n_mine - 1, p_layout, STAGES, WG, PINGPONG)
-        if TRIM:
-            _pass_tile(k_ready, v_ready, k_empty, v_empty, turn, it + n_tiles - 1, STAGES, WG, PINGPONG)
+        if TRIM:  # the last tile, not read: its turn taken and handed on, its K and V released
+            last = it + n_tiles - 1
+            if PINGPONG:
+                mbarrier.wait(turn.index(WG), (last & 1) ^ (1 - WG))
+                mbarrier.arrive(turn.index(1 - WG))
+            _pass_tile(k_ready, v_ready, k_empty, v_empty, last, STAGES)
     _fwd_epilogue(acc, m_i, l_i, o_desc, o_view, o_ptr, lse_ptr, b, h, row0, seqlen_q, stride_os, stride_lb,
                   stride_lh, part, ws, s_layout, q_view.dtype, O_TMA, TAIL)
     return t_next
@@ -699,15 +713,10 @@ def _diag_only(q_view, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q_fre
 
 
 @gluon.jit
-def _pass_tile(k_ready, v_ready, k_empty, v_empty, turn, cur, STAGES: gl.constexpr, WG: gl.constexpr,
-               PINGPONG: gl.constexpr):
+def _pass_tile(k_ready, v_ready, k_empty, v_empty, cur, STAGES: gl.constexpr):
     """A key tile (ring position ``cur``) this warpgroup does not read: its K and V released as they arrive
-    (each after its ready barrier, so that no release runs a phase ahead) and, ``PINGPONG``, its turn taken and
-    handed on."""
+    (each after its ready barrier, so that no release runs a phase ahead)."""
     s = cur % STAGES
-    if PINGPONG:
-        mbarrier.wait(turn.index(WG), (cur & 1) ^ (1 - WG))
-        mbarrier.arrive(turn.index(1 - WG))
     mbarrier.wait(k_ready.index(s), (cur // STAGES) & 1)
     mbarrier.arrive(k_empty.index(s))
     mbarrier.wait(v_ready.index(s), (cur // STAGES) & 1)
@@ -724,7 +733,7 @@ def _idle_item(q_bar, q_free, k_ready, v_ready, k_empty, v_empty, ids, id_ready,
     mbarrier.wait(q_bar.index(i % QB), (i // QB) & 1)
     mbarrier.arrive(q_free)
     for j in range(n_tiles):
-        _pass_tile(k_ready, v_ready, k_empty, v_empty, k_ready, it + j, STAGES, 0, False)
+        _pass_tile(k_ready, v_ready, k_empty, v_empty, it + j, STAGES)
     return _next_item(t, i, ids, id_ready, id_empty, DYNAMIC)
 
 
@@ -1009,8 +1018,7 @@ def attn_fwd_gluon(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
         STAGES=cfg.stages, CAUSAL=causal, DYNAMIC=cfg.dynamic, ID_SLOTS=ID_SLOTS, PINGPONG=cfg.pingpong,
         OVERLAP=cfg.overlap, QB=cfg.q_buffers, O_TMA=cfg.o_tma, WGS=cfg.consumers, P16=cfg.carries_p16,
         LOADER_REGS=LOADER_REGS, CONSUMER_REGS=cfg.consumer_regs, TAIL=tail0 < tiles,
-        RESCALE_T=RESCALE_THRESHOLD if cfg.lazy_rescale else 0.0, EXP_EMUL=cfg.exp_emul,
-        TRIM_DIAG=cfg.trim_diag and causal and not cfg.overlap, num_warps=4,
+        RESCALE_T=cfg.rescale_t, EXP_EMUL=cfg.exp_emul, TRIM_DIAG=cfg.trims(causal), num_warps=4,
     )
     if tail0 < tiles:
         attn_tail_combine(ws_o, ws_lse, out, lse, tail0=tail0, n_items=tiles, n_tiles=n_tiles, nprog=grid[0],
