@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, compute-sanitizer cases, tuning and the benchmark, as asked.
-#   bash scripts/gpu_run.sh [fuzzreplay] [configdiag] [tests] [fuzz] [sanitize] [tune] [bwdvariants] [fwdvariants] [bench-quick|bench]   (default: tests sanitize bench)
+#   bash scripts/gpu_run.sh [fuzzreplay] [configdiag] [tests] [fuzz] [sanitize] [tune] [bwdvariants] [fwdvariants] [ncufwd]
+#     [bench-quick|bench]   (default: tests sanitize bench)
 # Logs and results go under $OUT (default ./out); a short summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -65,6 +66,15 @@ for stage in "${stages[@]}"; do
       # shellcheck disable=SC2086
       timeout "${FWDV_TIME_S:-300}" python3 scripts/hopper_fwd_variants.py --out "$OUT/fwd_variants.jsonl" ${FWDV_ARGS:-} \
         > "$OUT/fwd_variants.log" 2>&1; rc=$? ;;
+    ncufwd)  # NCU_CELLS "D:S:causal[:variant] ...": a few ncu metrics of one Gluon forward launch each
+      rc=0
+      for cell in ${NCU_CELLS:-256:16384:1 256:16384:0}; do
+        IFS=: read -r d s c var <<< "$cell"
+        echo "== D=$d S=$s causal=$c ${var:-gluon}" >> "$OUT/ncu_fwd.txt"
+        timeout 150 ncu --clock-control none --kernel-name regex:_attn_fwd_gluon_kernel --launch-skip 2 \
+          --launch-count 1 --metrics "${NCU_METRICS:-gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,lts__t_sectors_srcunit_tex_op_read.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed}" \
+          python3 scripts/fwd_profile.py "$d" "$s" "$c" ${var:-gluon} >> "$OUT/ncu_fwd.txt" 2>&1 || rc=$?
+      done ;;
     configdiag)  # the head-dim pairs that miscompiled, under the table's configs
       CONFIGS=${DIAG_CONFIGS:-none} timeout 200 python3 scripts/config_diag.py > "$OUT/config_diag.log" 2>&1; rc=$? ;;
     decode)
@@ -86,5 +96,6 @@ echo "---- tails"
 [ -f "$OUT/decode.log" ] && tail -n 12 "$OUT/decode.log"
 [ -f "$OUT/bwd_variants.log" ] && sed -n '/^| D |/,$p' "$OUT/bwd_variants.log"
 [ -f "$OUT/fwd_variants_base.log" ] && { echo "base:"; sed -n '/^| D |/,$p' "$OUT/fwd_variants_base.log"; }
+[ -f "$OUT/ncu_fwd.txt" ] && grep -E "^== |duration|dram__|lts__|tensor_op" "$OUT/ncu_fwd.txt"
 [ -f "$OUT/fwd_variants.log" ] && sed -n '/^| D |/,$p' "$OUT/fwd_variants.log"
 printf '%s\n' "${status[@]}"
