@@ -257,3 +257,74 @@ def test_decode_bytes_pages_and_table():
     rows = [{"B": 1, "Sk": 8, "provider": p, "page_size": ps, "num_splits": n, "tbps": t, "note": None}
             for (p, ps, n), t in zip(cols, [1.0, 2.0, 3.0, 4.0, 2.0])]
     decode.print_tables(rows, cols)
+
+
+def test_forward_launch_choices_parse_and_label():
+    """``--num-splits`` (1 none, 0 automatic, N) and ``--pack-gqa`` (auto / yes / no) reach every case, its label
+    and its JSONL row; the defaults leave the FlashAttention sweep as it was."""
+    default = cli.parse_args([])
+    assert (default.num_splits, default.pack_gqa) == (1, None)
+    assert all((c.num_splits, c.pack_gqa) == (1, None) for c in cli.sweep_cases(default))
+    args = cli.parse_args(["--seqlen", "8k", "--headdim", "128", "--gqa-ratio", "8", "--num-splits", "0",
+                           "--pack-gqa", "yes", "--mode", "fwd", "--causal", "no"])
+    (case,) = cli.sweep_cases(args)
+    assert (case.num_splits, case.pack_gqa, case.nheads, case.nheads_k) == (0, True, 16, 2)
+    assert case.label.endswith("-splits0-packgqa")
+    assert all((c.num_splits, c.pack_gqa) == (0, True) for c in cli.check_cases(args, 333, args.headdims))
+    row = cli.make_row(case, "fwd", "triflash", 1.0, "bf16", {})
+    assert (row["num_splits"], row["pack_gqa"]) == (0, True)
+    assert cli.parse_args(["--num-splits", "4", "--pack-gqa", "no"]).pack_gqa is False
+    assert plot.figure_name(plot._key(row)) == "fwd_d128_noncausal_bf16_gqa8_splits0_packgqa"
+    for bad in (["--num-splits", "-1"], ["--num-splits", "x"], ["--pack-gqa", "maybe"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(bad)
+
+
+def test_flash_family_gets_the_launch_choices_only_when_asked():
+    """The FlashAttention-style call passes ``num_splits`` / ``pack_gqa`` only when they differ from the
+    defaults (FA2's ``flash_attn_func`` takes neither: such a cell is n/a there, not an error of the run)."""
+    seen = []
+
+    def dense(q, k, v, **kwargs):
+        seen.append(kwargs)
+        return q
+
+    t = cli.Inputs(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8))
+    for splits, pack in ((1, None), (0, None), (3, False)):
+        case = cli.make_case(1, 4, 2, 2, (8, 8), False, cli.NO_WINDOW, False, splits, pack)
+        cli._bind_flash_family((dense, None), case, t)()
+    assert seen == [{"causal": False}, {"causal": False, "num_splits": 0},
+                    {"causal": False, "num_splits": 3, "pack_gqa": False}]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gate_checks_the_forward_under_its_launch_choices(causal, monkeypatch):
+    """With gradients the forward runs unsplit and unpacked, so the gate also checks the forward without them
+    (``out-nograd``), which takes the split and packed path (through the interpreter here)."""
+    from triflash import interface
+
+    plans = []
+    real_plan = interface._plan
+
+    def spy(*a, **kw):
+        plans.append(real_plan(*a, **kw))
+        return plans[-1]
+
+    monkeypatch.setattr(interface, "_plan", spy)
+    case = cli.make_case(1, 67, 4, 2, (64, 64), causal, cli.NO_WINDOW, False, num_splits=2, pack_gqa=True)
+    results = cli.check_case(case, torch.float16, "cpu", backward=True)
+    assert [r.name for r in results] == ["out", "dq", "dk", "dv", "out-nograd"]
+    assert all(r.ok for r in results), results
+    assert (1, False) in plans and (2, True) in plans
+
+
+def test_decode_pack_gqa_flag():
+    """``triflash-bench decode --pack-gqa``: auto (default), yes, no, recorded on every row."""
+    from triflash.bench import decode
+
+    assert cli.parse_args(["decode"]).pack_gqa == "auto"
+    args = cli.parse_args(["decode", "--pack-gqa", "no"])
+    row = decode.make_row(1, 4096, args, "triflash", 16, 0, 1.0, None, {})
+    assert row["pack_gqa"] is False and row["num_splits"] == 0
+    with pytest.raises(SystemExit):
+        cli.parse_args(["decode", "--pack-gqa", "maybe"])

@@ -6,12 +6,19 @@ Usage::
     triflash-bench run --quick            # smoke run: S in {1k, 4k}, D in {64, 128}
     triflash-bench run --headdim 192-128 --seqlen 4k,8k --gqa-ratio 4 --causal yes --mode fwd
     triflash-bench run --varlen --window=256,0 --providers triflash,fa2
+    triflash-bench run --headdim 128 --seqlen 8k --gqa-ratio 8 --num-splits 0 --pack-gqa yes --mode fwd
     triflash-bench run --check-only       # the correctness gate alone
     triflash-bench plot bench_results.jsonl --out-dir docs/img
 
 Without a GPU, ``run`` says that timings need one and checks a few tiny cases through Triton's
 interpreter instead (in a child process with ``TRITON_INTERPRET=1`` when the kernels were already
 imported without it: the flag is read when a kernel is decorated).
+
+``--num-splits`` and ``--pack-gqa`` are the forward's launch choices (FlashAttention's ``num_splits`` and
+``pack_gqa``): the FlashAttention-style providers get them (one whose call does not take them is n/a), SDPA
+has no such choice and runs as it always does; a forward that records gradients runs unsplit and unpacked
+(SPEC.md), so they change the ``fwd`` timings only, and the correctness gate checks the forward without
+gradients under them as well.
 
 Conventions (those of FlashAttention's own benchmarks): bf16, 16k tokens per batch (``B = 16384 // S``),
 model dim 2048 (``H = 2048 // D``); FLOPs ``2·B·H·S²·(D + Dv)``, halved for causal, exact counts of the
@@ -81,6 +88,8 @@ class Case:
         causal: bottom-right aligned causal mask.
         window: ``(left, right)`` sliding window, ``-1`` = unbounded.
         seqlens: per-sequence lengths of a packed (varlen) batch, or None for a dense ``(B, S, ...)`` one.
+        num_splits: the forward's split of the keys (1 none, 0 automatic, n at most n parts).
+        pack_gqa: fold a kv head's query heads into one tile (None: the package chooses).
     """
 
     batch: int
@@ -92,6 +101,8 @@ class Case:
     causal: bool
     window: tuple[int, int] = NO_WINDOW
     seqlens: tuple[int, ...] | None = None
+    num_splits: int = 1
+    pack_gqa: bool | None = None
 
     @property
     def varlen(self) -> bool:
@@ -114,6 +125,10 @@ class Case:
             parts.append(f"w{self.window[0]},{self.window[1]}")
         if self.varlen:
             parts.append("varlen")
+        if self.num_splits != 1:
+            parts.append(f"splits{self.num_splits}")
+        if self.pack_gqa is not None:
+            parts.append("packgqa" if self.pack_gqa else "nopackgqa")
         return "-".join(parts)
 
     @property
@@ -177,11 +192,12 @@ def random_seqlens(seqlen: int, total: int, seed: int = 0) -> tuple[int, ...]:
 
 
 def make_case(batch: int, seqlen: int, nheads: int, nheads_k: int, headdims: tuple[int, int], causal: bool,
-              window: tuple[int, int], varlen: bool) -> Case:
+              window: tuple[int, int], varlen: bool, num_splits: int = 1, pack_gqa: bool | None = None) -> Case:
     """A Case; with ``varlen`` its lengths are random around ``seqlen`` and sum to ``batch * seqlen``."""
     seqlens = random_seqlens(seqlen, batch * seqlen, seed=seqlen) if varlen else None
     return Case(batch=len(seqlens) if varlen else batch, seqlen=seqlen, nheads=nheads, nheads_k=nheads_k,
-                headdim=headdims[0], headdim_v=headdims[1], causal=causal, window=window, seqlens=seqlens)
+                headdim=headdims[0], headdim_v=headdims[1], causal=causal, window=window, seqlens=seqlens,
+                num_splits=num_splits, pack_gqa=pack_gqa)
 
 
 def sweep_cases(args: argparse.Namespace) -> list[Case]:
@@ -191,13 +207,15 @@ def sweep_cases(args: argparse.Namespace) -> list[Case]:
         batch = args.batch or max(1, args.total_tokens // seqlen)
         nheads = args.nheads or max(args.gqa_ratio, args.model_dim // dims[0] // args.gqa_ratio * args.gqa_ratio)
         cases.append(make_case(batch, seqlen, nheads, nheads // args.gqa_ratio, dims, causal, args.window,
-                               args.varlen))
+                               args.varlen, args.num_splits, args.pack_gqa))
     return cases
 
 
 def check_cases(args: argparse.Namespace, seqlen: int, headdims: Sequence[tuple[int, int]]) -> list[Case]:
-    """Small correctness cases: one per (head dims, causal), with the run's GQA ratio, window and varlen."""
-    return [make_case(GATE_BATCH, seqlen, 2 * args.gqa_ratio, 2, dims, causal, args.window, args.varlen)
+    """Small correctness cases: one per (head dims, causal), with the run's GQA ratio, window, varlen and the
+    forward's launch choices (``--num-splits``, ``--pack-gqa``)."""
+    return [make_case(GATE_BATCH, seqlen, 2 * args.gqa_ratio, 2, dims, causal, args.window, args.varlen,
+                      args.num_splits, args.pack_gqa)
             for dims, causal in itertools.product(headdims, args.causals)]
 
 
@@ -227,6 +245,14 @@ def parse_headdims(text: str) -> list[tuple[int, int]]:
     if not dims:
         raise argparse.ArgumentTypeError(f"expected head dims such as 128 or 192-128, got {text!r}")
     return dims
+
+
+def parse_num_splits(text: str) -> int:
+    """``num_splits``: 0 (automatic) or a positive count, ``k`` suffix allowed."""
+    return 0 if text.strip() == "0" else parse_count(text)
+
+
+PACK_GQA = {"auto": None, "yes": True, "no": False}
 
 
 def parse_window(text: str) -> tuple[int, int]:
@@ -266,6 +292,10 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--varlen", action="store_true",
                        help="packed batch of random lengths around S (flash_attn_varlen_func; SDPA is n/a)")
     shape.add_argument("--dtype", choices=DTYPES, default="bf16")
+    shape.add_argument("--num-splits", type=parse_num_splits, default=1,
+                       help="the forward's num_splits: 1 none (default), 0 automatic, N at most N key splits")
+    shape.add_argument("--pack-gqa", choices=PACK_GQA, default="auto",
+                       help="the forward's pack_gqa: auto (the package chooses, default), yes, no")
     shape.add_argument("--quick", action="store_true", help="smoke run: S in {1k, 4k}, D in {64, 128}")
     run = parser.add_argument_group("what to run")
     run.add_argument("--mode", choices=MODES, default="fwdbwd", help="passes to time, each on its own")
@@ -298,6 +328,7 @@ def _resolve_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     args.causals = CAUSAL_CHOICES[args.causal]
     args.ops = MODES[args.mode]
     args.torch_dtype = DTYPES[args.dtype]
+    args.pack_gqa = PACK_GQA[args.pack_gqa] if isinstance(args.pack_gqa, str) else args.pack_gqa
     if args.nheads and args.nheads % args.gqa_ratio:
         parser.error(f"--nheads {args.nheads} must be a multiple of --gqa-ratio {args.gqa_ratio}")
     if args.check_only and args.no_check:
@@ -383,6 +414,10 @@ def _bind_flash_family(funcs: tuple[Callable, Callable], case: Case, t: Inputs,
     """
     dense, varlen = funcs
     kwargs: dict[str, Any] = {"causal": case.causal}
+    if case.num_splits != 1:  # the forward's launch choices, passed only when asked for (FA2 takes neither)
+        kwargs["num_splits"] = case.num_splits
+    if case.pack_gqa is not None:
+        kwargs["pack_gqa"] = case.pack_gqa
     if case.window != NO_WINDOW:
         kwargs["window_size"] = tuple(None if none_unbounded and w == -1 else w for w in case.window)
     if case.varlen:
@@ -402,7 +437,8 @@ def _bind_sdpa(backend: Any, case: Case, t: Inputs) -> Callable[[], torch.Tensor
     """torch SDPA on ``(B, H, S, D)`` transposed views of the same data; GQA through ``enable_gqa``.
 
     SDPA has no varlen or sliding-window path (those shapes are n/a); its causal mask is top-left aligned,
-    the same as bottom-right here since Sq == Sk.
+    the same as bottom-right here since Sq == Sk. It has no ``num_splits`` or ``pack_gqa`` (launch choices,
+    not semantics): it runs as it always does.
     """
     if case.varlen or case.window != NO_WINDOW:
         raise NotImplementedError("SDPA has no varlen or sliding-window path")
@@ -537,8 +573,14 @@ def check_case(case: Case, dtype: torch.dtype, device: str, backward: bool) -> l
                          t.with_qkv(ref_dtype, backward), dout, backward)
     pt = _out_and_grads(lambda u: _attention_ref(case, u, upcast=False, reorder_ops=True),
                         t.with_qkv(dtype, backward), dout, backward)
-    return [compare(name, g, r, p, dtype, 2.0 if name == "out" else 3.0)
-            for name, g, r, p in zip(("out", "dq", "dk", "dv"), got, ref, pt)]
+    results = [compare(name, g, r, p, dtype, 2.0 if name == "out" else 3.0)
+               for name, g, r, p in zip(("out", "dq", "dk", "dv"), got, ref, pt)]
+    if backward and (case.num_splits != 1 or case.pack_gqa is not None):
+        # With gradients the forward runs unsplit and unpacked (SPEC.md): the launch choices' own path, too.
+        with torch.no_grad():
+            out = _bind_flash_family(triflash_funcs, case, t)()
+        results.append(compare("out-nograd", out, ref[0], pt[0], dtype, 2.0))
+    return results
 
 
 def run_checks(cases: Sequence[Case], dtypes: Sequence[torch.dtype], device: str, backward: bool) -> bool:
@@ -644,6 +686,7 @@ def make_row(case: Case, op: str, provider: str, result: float | str, dtype: str
         "op": op, "B": case.batch, "S": case.seqlen, "H": case.nheads, "Hk": case.nheads_k,
         "D": case.headdim, "Dv": case.headdim_v, "causal": case.causal, "window": list(case.window),
         "varlen": case.varlen, "total_tokens": sum(case.lengths), "dtype": dtype, "provider": provider,
+        "num_splits": case.num_splits, "pack_gqa": case.pack_gqa,
         "median_ms": result if ok else None,
         "tflops": attn_flops(case, op) / (result * 1e-3) / 1e12 if ok else None,
         "note": None if ok else result,
@@ -705,6 +748,10 @@ def print_group(rows: Sequence[dict[str, Any]], providers: Sequence[str], args: 
         flags.append(f"window={tuple(first['window'])}")
     if args.varlen:
         flags.append("varlen")
+    if first.get("num_splits", 1) != 1:
+        flags.append(f"num_splits={first['num_splits']}")
+    if first.get("pack_gqa") is not None:
+        flags.append(f"pack_gqa={first['pack_gqa']}")
     for op in args.ops:
         headers, body = results_table([r for r in rows if r["op"] == op], providers)
         print_table(f"{op} TFLOP/s  {dims}  {'  '.join(flags)}", headers, body)

@@ -4,6 +4,7 @@ Usage::
 
     triflash-bench decode                          # the four default (B, Sk) shapes, contiguous and paged
     triflash-bench decode --shapes 1x65536 --page-sizes 0,16 --num-splits 0,1,4 --out decode.jsonl
+    triflash-bench decode --pack-gqa no             # the query heads of a kv head in tiles of their own
 
 One query token per sequence (Sq=1), H=32, Hk=8, D=128, bf16, every cache row full. triflash reads
 the cache contiguous ``(B, Sk, Hk, D)`` (page size 0) or paged ``(num_pages, page_size, Hk, D)``
@@ -32,6 +33,7 @@ DEFAULT_SHAPES = ((1, 65536), (16, 8192), (64, 8192), (128, 4096))
 DEFAULT_PAGE_SIZES = (0, 16, 64)  # 0 = contiguous cache
 NHEADS, NHEADS_K, HEADDIM = 32, 8, 128
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION"}
+PACK_GQA = {"auto": None, "yes": True, "no": False}  # --pack-gqa -> pack_gqa
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -61,6 +63,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="comma list; 0 = contiguous cache (default 0,16,64)")
     parser.add_argument("--num-splits", type=parse_ints, default=[0],
                         help="triflash num_splits values to time, 0 = auto (default 0)")
+    parser.add_argument("--pack-gqa", choices=PACK_GQA, default="auto",
+                        help="triflash pack_gqa: auto (chosen per call, default), yes, no")
     parser.add_argument("--nheads", type=int, default=NHEADS)
     parser.add_argument("--nheads-k", type=int, default=NHEADS_K)
     parser.add_argument("--headdim", type=int, default=HEADDIM)
@@ -121,7 +125,7 @@ def make_inputs(batch: int, seqlen_k: int, args: argparse.Namespace, device: str
     return data
 
 
-def triflash_call(data: dict[str, Any], page_size: int, num_splits: int):
+def triflash_call(data: dict[str, Any], page_size: int, num_splits: int, pack_gqa: bool | None = None):
     from triflash import flash_attn_with_kvcache
 
     q, lens = data["q"], data["lens"]
@@ -131,7 +135,7 @@ def triflash_call(data: dict[str, Any], page_size: int, num_splits: int):
     else:
         k, v, table = data[f"paged{page_size}"]
     return lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table, num_splits=num_splits,
-                                           out=out)
+                                           pack_gqa=pack_gqa, out=out)
 
 
 def sdpa_call(data: dict[str, Any], backend_name: str):
@@ -162,15 +166,17 @@ def check(args: argparse.Namespace, device: str, dtype: torch.dtype) -> bool:
     for ps, splits in itertools.product(args.page_sizes, args.num_splits):
         k, v, table = (data["k"], data["v"], None) if ps == 0 else data[f"paged{ps}"]
         with torch.no_grad():
-            out = flash_attn_with_kvcache(data["q"], k, v, cache_seqlens=lens, page_table=table, num_splits=splits)
+            out = flash_attn_with_kvcache(data["q"], k, v, cache_seqlens=lens, page_table=table, num_splits=splits,
+                                          pack_gqa=PACK_GQA[getattr(args, "pack_gqa", "auto")])
         ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
         ref = attention_ref(*(data[n].to(ref_dtype) for n in "qkv"), seqused_k=lens)[0]
         pt = attention_ref(data["q"], data["k"], data["v"], seqused_k=lens, upcast=False, reorder_ops=True)[0]
         res = compare("out", out, ref, pt, dtype, 2.0)
         ok &= res.ok
         layout = "contiguous" if ps == 0 else f"paged{ps}"
-        print(f"{'PASS' if res.ok else 'FAIL'}  decode  {layout:10}  splits={splits}  err {res.err:.1e} "
-              f"{'<=' if res.ok else '>'} {res.tol:.1e}", flush=True)
+        pack = getattr(args, "pack_gqa", "auto")
+        print(f"{'PASS' if res.ok else 'FAIL'}  decode  {layout:10}  splits={splits}  pack_gqa={pack}  "
+              f"err {res.err:.1e} {'<=' if res.ok else '>'} {res.tol:.1e}", flush=True)
     return ok
 
 
@@ -190,7 +196,8 @@ def make_row(batch: int, seqlen_k: int, args, provider: str, page_size: int, num
     return {
         "op": "decode", "B": batch, "Sk": seqlen_k, "Sq": 1, "H": args.nheads, "Hk": args.nheads_k,
         "D": args.headdim, "dtype": "bf16", "provider": provider, "page_size": page_size,
-        "num_splits": num_splits, "timer": "eager" if args.eager else "cudagraph",
+        "num_splits": num_splits, "pack_gqa": PACK_GQA[getattr(args, "pack_gqa", "auto")],
+        "timer": "eager" if args.eager else "cudagraph",
         "median_ms": ms if ok else None,
         "tbps": kv_bytes(batch, seqlen_k, args.nheads_k, args.headdim) / (ms * 1e-3) / 1e12 if ok else None,
         "page_order": getattr(args, "page_order", "shuffled"), "note": note, **env,
@@ -245,7 +252,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             print(f"B={batch} Sk={seqlen_k}", file=sys.stderr, flush=True)
             data = make_inputs(batch, seqlen_k, args, "cuda", dtype, [ps for ps in args.page_sizes if ps > 0])
             for provider, ps, splits in cols:
-                fn = (triflash_call(data, ps, splits) if provider == "triflash"
+                fn = (triflash_call(data, ps, splits, PACK_GQA[args.pack_gqa]) if provider == "triflash"
                       else sdpa_call(data, SDPA_BACKENDS[provider]))
                 ms, note = cli.attempt(lambda fn=fn: _time(fn, args))
                 row = make_row(batch, seqlen_k, args, provider, ps, splits, ms, note, env)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 # The fields that tell figures apart; everything else (B, H, versions) follows from them or is metadata.
-FIGURE_KEY = ("op", "D", "Dv", "causal", "dtype", "window", "varlen", "gqa")
+FIGURE_KEY = ("op", "D", "Dv", "causal", "dtype", "window", "varlen", "gqa", "num_splits", "pack_gqa")
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -23,7 +23,7 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 def _key(row: dict[str, Any]) -> tuple:
     row = {**row, "gqa": row["H"] // row["Hk"], "window": tuple(row.get("window") or (-1, -1)),
-           "varlen": bool(row.get("varlen"))}
+           "varlen": bool(row.get("varlen")), "num_splits": row.get("num_splits", 1), "pack_gqa": row.get("pack_gqa")}
     return tuple(row[name] for name in FIGURE_KEY)
 
 
@@ -38,6 +38,10 @@ def figure_name(key: tuple) -> str:
         parts.append("varlen")
     if spec["gqa"] > 1:
         parts.append(f"gqa{spec['gqa']}")
+    if spec.get("num_splits", 1) != 1:  # keys of results written before the forward's launch choices lack them
+        parts.append(f"splits{spec['num_splits']}")
+    if spec.get("pack_gqa") is not None:
+        parts.append("packgqa" if spec["pack_gqa"] else "nopackgqa")
     return "_".join(str(p) for p in parts)
 
 
