@@ -252,9 +252,6 @@ def parse_num_splits(text: str) -> int:
     return 0 if text.strip() == "0" else parse_count(text)
 
 
-PACK_GQA = {"auto": None, "yes": True, "no": False}
-
-
 def parse_window(text: str) -> tuple[int, int]:
     """``"left,right"`` with ``-1`` = unbounded: ``"256,0"`` -> ``(256, 0)``."""
     try:
@@ -294,7 +291,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--dtype", choices=DTYPES, default="bf16")
     shape.add_argument("--num-splits", type=parse_num_splits, default=1,
                        help="the forward's num_splits: 1 none (default), 0 automatic, N at most N key splits")
-    shape.add_argument("--pack-gqa", choices=PACK_GQA, default="auto",
+    shape.add_argument("--pack-gqa", choices=decode.PACK_GQA, default="auto",
                        help="the forward's pack_gqa: auto (the package chooses, default), yes, no")
     shape.add_argument("--quick", action="store_true", help="smoke run: S in {1k, 4k}, D in {64, 128}")
     run = parser.add_argument_group("what to run")
@@ -328,7 +325,7 @@ def _resolve_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     args.causals = CAUSAL_CHOICES[args.causal]
     args.ops = MODES[args.mode]
     args.torch_dtype = DTYPES[args.dtype]
-    args.pack_gqa = PACK_GQA[args.pack_gqa] if isinstance(args.pack_gqa, str) else args.pack_gqa
+    args.pack_gqa = decode.pack_gqa(args)
     if args.nheads and args.nheads % args.gqa_ratio:
         parser.error(f"--nheads {args.nheads} must be a multiple of --gqa-ratio {args.gqa_ratio}")
     if args.check_only and args.no_check:

@@ -33,7 +33,12 @@ DEFAULT_SHAPES = ((1, 65536), (16, 8192), (64, 8192), (128, 4096))
 DEFAULT_PAGE_SIZES = (0, 16, 64)  # 0 = contiguous cache
 NHEADS, NHEADS_K, HEADDIM = 32, 8, 128
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION"}
-PACK_GQA = {"auto": None, "yes": True, "no": False}  # --pack-gqa -> pack_gqa
+PACK_GQA = {"auto": None, "yes": True, "no": False}  # --pack-gqa (here and in `run`) -> pack_gqa
+
+
+def pack_gqa(args: argparse.Namespace) -> bool | None:
+    """The ``pack_gqa`` that ``--pack-gqa`` asks for (None: auto, also for namespaces built without it)."""
+    return PACK_GQA[getattr(args, "pack_gqa", "auto")]
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -167,15 +172,14 @@ def check(args: argparse.Namespace, device: str, dtype: torch.dtype) -> bool:
         k, v, table = (data["k"], data["v"], None) if ps == 0 else data[f"paged{ps}"]
         with torch.no_grad():
             out = flash_attn_with_kvcache(data["q"], k, v, cache_seqlens=lens, page_table=table, num_splits=splits,
-                                          pack_gqa=PACK_GQA[getattr(args, "pack_gqa", "auto")])
+                                          pack_gqa=pack_gqa(args))
         ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
         ref = attention_ref(*(data[n].to(ref_dtype) for n in "qkv"), seqused_k=lens)[0]
         pt = attention_ref(data["q"], data["k"], data["v"], seqused_k=lens, upcast=False, reorder_ops=True)[0]
         res = compare("out", out, ref, pt, dtype, 2.0)
         ok &= res.ok
         layout = "contiguous" if ps == 0 else f"paged{ps}"
-        pack = getattr(args, "pack_gqa", "auto")
-        print(f"{'PASS' if res.ok else 'FAIL'}  decode  {layout:10}  splits={splits}  pack_gqa={pack}  "
+        print(f"{'PASS' if res.ok else 'FAIL'}  decode  {layout:10}  splits={splits}  pack_gqa={pack_gqa(args)}  "
               f"err {res.err:.1e} {'<=' if res.ok else '>'} {res.tol:.1e}", flush=True)
     return ok
 
@@ -196,7 +200,7 @@ def make_row(batch: int, seqlen_k: int, args, provider: str, page_size: int, num
     return {
         "op": "decode", "B": batch, "Sk": seqlen_k, "Sq": 1, "H": args.nheads, "Hk": args.nheads_k,
         "D": args.headdim, "dtype": "bf16", "provider": provider, "page_size": page_size,
-        "num_splits": num_splits, "pack_gqa": PACK_GQA[getattr(args, "pack_gqa", "auto")],
+        "num_splits": num_splits, "pack_gqa": pack_gqa(args),
         "timer": "eager" if args.eager else "cudagraph",
         "median_ms": ms if ok else None,
         "tbps": kv_bytes(batch, seqlen_k, args.nheads_k, args.headdim) / (ms * 1e-3) / 1e12 if ok else None,
@@ -252,7 +256,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             print(f"B={batch} Sk={seqlen_k}", file=sys.stderr, flush=True)
             data = make_inputs(batch, seqlen_k, args, "cuda", dtype, [ps for ps in args.page_sizes if ps > 0])
             for provider, ps, splits in cols:
-                fn = (triflash_call(data, ps, splits, PACK_GQA[args.pack_gqa]) if provider == "triflash"
+                fn = (triflash_call(data, ps, splits, pack_gqa(args)) if provider == "triflash"
                       else sdpa_call(data, SDPA_BACKENDS[provider]))
                 ms, note = cli.attempt(lambda fn=fn: _time(fn, args))
                 row = make_row(batch, seqlen_k, args, provider, ps, splits, ms, note, env)
