@@ -384,6 +384,7 @@ def _masked_scores(x, k0, first_row):
     return gl.where(keys[None, :] <= (rows + first_row)[:, None], x, float("-inf"))
 
 
+@gluon.constexpr_function
 def _exp2_asm(pack):
     """PTX for ``pack`` consecutive scores of a thread (inputs ``$pack`` ..): the first one's 2^x by an FMA
     polynomial, the others' by ``ex2.approx`` (MUFU). 2^x = 2^floor(x) * p(x - floor(x)): floor by adding
@@ -404,24 +405,21 @@ def _exp2_asm(pack):
     return "\n".join(lines + ["}"])
 
 
-_EXP2_ASM = {n: (gl.constexpr(_exp2_asm(n)), gl.constexpr(",".join(["=r"] * n + ["r"] * n))) for n in (2, 4, 8)}
-_EXP2_ASM_2, _EXP2_ARGS_2 = _EXP2_ASM[2]
-_EXP2_ASM_4, _EXP2_ARGS_4 = _EXP2_ASM[4]
-_EXP2_ASM_8, _EXP2_ARGS_8 = _EXP2_ASM[8]
+@gluon.constexpr_function
+def _exp2_args(pack):
+    """``_exp2_asm(pack)``'s constraints: ``pack`` outputs and ``pack`` inputs, 32-bit registers."""
+    return ",".join(["=r"] * pack + ["r"] * pack)
 
 
 @gluon.jit
 def _exp2_scores(z, EXP_EMUL: gl.constexpr):
     """2^z of a score tile; ``EXP_EMUL`` (2, 4, 8): one exponential in that many by FMA and integer instructions
     instead of the MUFU unit (16 a clock an SM against 128 FMAs), FlashAttention-4's split; 0: all by MUFU."""
-    if EXP_EMUL == 2:
-        return gl.inline_asm_elementwise(_EXP2_ASM_2, _EXP2_ARGS_2, [z], dtype=gl.float32, is_pure=True, pack=2)
-    elif EXP_EMUL == 4:
-        return gl.inline_asm_elementwise(_EXP2_ASM_4, _EXP2_ARGS_4, [z], dtype=gl.float32, is_pure=True, pack=4)
-    elif EXP_EMUL == 8:
-        return gl.inline_asm_elementwise(_EXP2_ASM_8, _EXP2_ARGS_8, [z], dtype=gl.float32, is_pure=True, pack=8)
-    else:
+    if EXP_EMUL == 0:
         return gl.exp2(z)
+    else:
+        return gl.inline_asm_elementwise(_exp2_asm(EXP_EMUL), _exp2_args(EXP_EMUL), [z], dtype=gl.float32,
+                                         is_pure=True, pack=EXP_EMUL)
 
 
 @gluon.jit
